@@ -1,0 +1,115 @@
+//! The `engine` command line: one module per command, each a thin layer over
+//! the library. Exit statuses: 0 ok, 1 a check or test failed, 2 invalid input
+//! (spec, rule file, flag), 3 a runtime failure.
+
+mod graph;
+mod rules;
+mod schema;
+mod validate;
+
+use std::path::Path;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{Error, Result};
+use crate::plan::{self, Plan};
+use crate::spec::{self, template, LoadOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "engine", version, about = "A declarative data pipeline engine", long_about = None)]
+#[command(
+    after_help = "Exit status: 0 ok, 1 a check or test failed, 2 invalid spec/rules/flags, 3 runtime failure."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Parse, template and compile specs: the DAG, every SQL and rule.
+    Validate(validate::Args),
+    /// Print a spec's DAG as Mermaid or DOT.
+    Graph(graph::Args),
+    /// Print the JSON Schema of the pipeline language (for editors).
+    Schema(schema::Args),
+    /// Work with rule files.
+    Rules {
+        #[command(subcommand)]
+        command: rules::Command,
+    },
+}
+
+/// Flags shared by commands that read a spec.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SpecArgs {
+    /// Override a variable of the spec's `vars:` (repeatable).
+    #[arg(long = "var", value_name = "KEY=VALUE")]
+    pub vars: Vec<String>,
+}
+
+impl SpecArgs {
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        let vars = template::parse_var_flags(&self.vars).map_err(Error::Usage)?;
+        Ok(LoadOptions::from_environment(vars))
+    }
+}
+
+/// Reads and compiles one spec, printing its warnings.
+pub async fn compile(path: &Path, opts: &LoadOptions) -> Result<Plan> {
+    let spec = spec::load(path, opts)?;
+    let plan = plan::compile(spec).await?;
+    for w in plan.warnings.warnings() {
+        eprintln!("{w}");
+    }
+    Ok(plan)
+}
+
+/// Runs the command line; returns the exit status.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 3;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{}", render_error(&e));
+            e.exit_code()
+        }
+    }
+}
+
+fn render_error(e: &Error) -> String {
+    match e {
+        Error::Invalid(d) => d.to_string(),
+        other => format!("error: {other}"),
+    }
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Validate(a) => validate::run(a).await,
+        Command::Graph(a) => graph::run(a).await,
+        Command::Schema(a) => schema::run(a),
+        Command::Rules { command } => rules::run(command).await,
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ENGINE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -1,0 +1,3 @@
+//! Transforms: SQL on DataFusion ([`sql`]) and the engine's own SQL functions.
+
+pub mod sql;

@@ -1,0 +1,133 @@
+//! The CLI as a user runs it: graphs, exit statuses, variables, `.env`,
+//! secrets and the JSON Schema.
+
+use std::fs;
+
+use super::{engine, repo_dir, text};
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("engine-cli-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+#[test]
+fn graph_of_the_warehouse_pipeline_in_mermaid_and_dot() {
+    let out = engine(&repo_dir(), &["graph", "pipelines/dwh.yaml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let m = text(&out.stdout);
+    assert!(m.starts_with("flowchart LR\n"), "{m}");
+    assert!(m.contains("  customers[(\"customers<br/>postgres · oltp.customers\")]"), "{m}");
+    assert!(m.contains("  merchants[(\"merchants<br/>mongodb · docs.merchants\")]"), "{m}");
+    assert!(m.contains("  customers__check_2{{\"check: unique(customer_id)\"}}"), "{m}");
+    assert!(m.contains("  fact_transactions_out[/\"fact_transactions_out<br/>postgres · dwh.fact_transactions (upsert)\"/]"), "{m}");
+    // fact_transactions reads the checked outputs of transactions and merchants.
+    assert!(m.contains("  transactions__check_5 --> fact_transactions\n"), "{m}");
+    assert!(m.contains("  merchants__check_2 --> fact_transactions\n"), "{m}");
+
+    let out = engine(&repo_dir(), &["graph", "pipelines/dwh.yaml", "--format", "dot"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let d = text(&out.stdout);
+    assert!(d.starts_with("digraph \"dwh\" {"), "{d}");
+    assert!(d.contains("\"customers\" [shape=cylinder"), "{d}");
+    assert!(d.contains("\"transactions__check_5\" -> \"fact_transactions\";"), "{d}");
+    assert!(d.contains("\"dim_customer\" -> \"dim_customer__check_1\";"), "{d}");
+}
+
+#[test]
+fn exit_statuses_for_bad_input() {
+    let out = engine(&repo_dir(), &["validate", "pipelines/nope.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("'pipelines/nope.yaml': No such file"), "{}", text(&out.stderr));
+
+    let out = engine(&repo_dir(), &["validate", "--bogus", "pipelines/dwh.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("unexpected argument '--bogus'"), "{}", text(&out.stderr));
+
+    let out = engine(&repo_dir(), &["validate", "pipelines/dwh.yaml", "--var", "novalue"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(text(&out.stderr).trim(), "error: --var 'novalue': expected key=value");
+
+    let out = engine(&repo_dir(), &["graph", "pipelines/dwh.yaml", "--format", "png"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn vars_from_flags_and_env_from_dotenv() {
+    let dir = scratch("vars");
+    fs::write(
+        dir.join("p.yaml"),
+        "version: 1\nname: p\nvars: { rows: 10 }\nsources:\n  nums:\n    type: generate\n    rows: \"{{ vars.rows }}\"\n    columns: { id: n, tag: \"'{{ env.ENGINE_DOTENV_PROBE }}'\" }\nsinks:\n  out: { input: nums, type: stdout }\n",
+    )
+    .expect("write");
+    let out = engine(&dir, &["validate", "p.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("p.yaml:8:28: environment variable 'ENGINE_DOTENV_PROBE' is not set"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    fs::write(dir.join(".env"), "ENGINE_DOTENV_PROBE=from-dotenv\n").expect("write");
+    let out = engine(&dir, &["validate", "p.yaml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let out = engine(&dir, &["validate", "p.yaml", "--var", "rows=many"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("p.yaml:7:11: source 'nums': expected a whole number"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn secrets_never_printed() {
+    let dir = scratch("secrets");
+    fs::write(dir.join(".env"), "ENGINE_SECRET_PROBE=hunter2-xyzzy\n").expect("write");
+    fs::write(
+        dir.join("s.yaml"),
+        "version: 1\nname: s\ndescription: \"uses {{ env.ENGINE_SECRET_PROBE }}\"\nconnections:\n  db: { type: postgres, url: \"postgres://app:{{ env.ENGINE_SECRET_PROBE }}@127.0.0.1/x\" }\nsources:\n  t: { connection: db, table: t }\nsinks:\n  out: { input: t, type: stdout }\n",
+    )
+    .expect("write");
+    for args in [&["graph", "s.yaml"][..], &["graph", "s.yaml", "--format", "dot"], &["validate", "s.yaml"]] {
+        let out = engine(&dir, args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let all = text(&out.stdout) + &text(&out.stderr);
+        assert!(!all.contains("hunter2"), "{args:?} printed the secret: {all}");
+    }
+    let graph = text(&engine(&dir, &["graph", "s.yaml"]).stdout);
+    assert!(graph.contains("%% s: uses ***"), "{graph}");
+}
+
+#[test]
+fn json_schema_comes_from_the_structs() {
+    let out = engine(&repo_dir(), &["schema"]);
+    assert_eq!(out.status.code(), Some(0));
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let props = &schema["properties"];
+    for key in
+        ["version", "name", "connections", "sources", "transforms", "sinks", "quarantine", "state", "tests"]
+    {
+        assert!(props.get(key).is_some(), "no '{key}' in the schema");
+    }
+    assert_eq!(props["version"]["description"], "Version of the pipeline language; only `1` exists.");
+    let out = engine(&repo_dir(), &["schema", "--rules"]);
+    assert!(text(&out.stdout).contains("A SQL boolean expression over the event's columns"));
+}
+
+#[test]
+fn rules_check_reports_every_broken_file() {
+    let crate_dir = super::crate_dir();
+    let out = engine(&crate_dir, &["rules", "check", "tests/golden/rules_bad"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with("tests/golden/rules_bad/broken.yaml:4:7: rule 'broken': bad 'when' expression:"),
+        "{err}"
+    );
+    let out = engine(&crate_dir, &["rules", "check", "tests/golden/rules_ok"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "ok: 3 rules in 2 files");
+}

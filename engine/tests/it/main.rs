@@ -1,0 +1,32 @@
+//! The engine's integration tests, one binary: golden specs, the CLI as a
+//! user runs it, and the repository's own pipelines and examples.
+
+mod cli;
+mod golden;
+mod repo;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The crate folder; golden paths in messages are relative to it.
+pub fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn repo_dir() -> PathBuf {
+    crate_dir().parent().expect("the crate sits in the repository").to_path_buf()
+}
+
+/// Runs the `engine` binary in `dir` with a clean set of the demo's variables.
+pub fn engine(dir: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_engine"));
+    cmd.current_dir(dir).args(args);
+    for var in ["SOURCE_DATABASE_URL", "DWH_DATABASE_URL", "MONGODB_URL", "REDIS_URL", "ENGINE_LOG"] {
+        cmd.env_remove(var);
+    }
+    cmd.output().expect("the engine binary runs")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
