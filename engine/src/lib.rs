@@ -19,9 +19,11 @@
 //! who is at fault, each mapped to a documented exit status.
 
 pub mod cli;
+pub mod connectors;
 pub mod error;
 pub mod plan;
 pub mod rules;
+pub mod run;
 pub mod spec;
 pub mod transform;
 

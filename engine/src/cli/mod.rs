@@ -4,6 +4,7 @@
 
 mod graph;
 mod rules;
+mod run;
 mod schema;
 mod validate;
 
@@ -31,6 +32,8 @@ enum Command {
     Validate(validate::Args),
     /// Print a spec's DAG as Mermaid or DOT.
     Graph(graph::Args),
+    /// Run a batch pipeline once.
+    Run(run::Args),
     /// Print the JSON Schema of the pipeline language (for editors).
     Schema(schema::Args),
     /// Work with rule files.
@@ -103,6 +106,7 @@ async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Validate(a) => validate::run(a).await,
         Command::Graph(a) => graph::run(a).await,
+        Command::Run(a) => run::run(a).await,
         Command::Schema(a) => schema::run(a),
         Command::Rules { command } => rules::run(command).await,
     }

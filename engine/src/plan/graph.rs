@@ -67,6 +67,7 @@ pub(crate) fn build(p: &mut Problems) -> Built {
             b.graph.add_edge(b.outputs[input], b.nodes[id], ());
         }
     }
+    relationship_edges(p, &mut b);
     report_cycles(p, &b);
     report_unused(p, &b);
     if let Ok(sorted) = toposort(&b.graph, None) {
@@ -208,6 +209,32 @@ fn resolve_input(p: &mut Problems, what: &str, name: &crate::spec::yaml::Sp<Stri
     let hint = suggest::hint(n, ids.map(String::as_str));
     p.error(name.pos(), format!("{what}: unknown input '{n}'{hint}"));
     None
+}
+
+/// A relationships check reads the node it points at, so that node is
+/// computed first: an edge from it to the check.
+fn relationship_edges(p: &Problems, b: &mut Built) {
+    let pl = &p.spec.pipeline;
+    let checked = pl
+        .sources
+        .iter()
+        .map(|(id, s)| (id, s.checks()))
+        .chain(pl.transforms.iter().map(|(id, t)| (id, t.checks())));
+    let mut edges = Vec::new();
+    for (id, checks) in checked {
+        for (i, c) in checks.iter().enumerate() {
+            let Check::Relationships(r) = c else { continue };
+            let Some((target, _)) = r.to.value().split_once('.') else { continue };
+            let check =
+                b.graph.node_indices().find(|n| b.graph[*n].id == *id && b.graph[*n].check == Some(i));
+            if let (Some(check), Some(&from)) = (check, b.outputs.get(target)) {
+                edges.push((from, check));
+            }
+        }
+    }
+    for (from, to) in edges {
+        b.graph.add_edge(from, to, ());
+    }
 }
 
 /// Every cycle, as `a -> b -> a`, at the first node's declaration.

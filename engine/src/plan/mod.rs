@@ -10,7 +10,7 @@
 mod graph;
 pub mod render;
 pub mod schema;
-mod validate;
+pub(crate) mod validate;
 
 use std::collections::HashMap;
 

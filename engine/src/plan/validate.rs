@@ -352,6 +352,9 @@ async fn node_schema(
     id: &str,
 ) -> Option<SchemaRef> {
     let pl = &p.spec.pipeline;
+    if let Some(Source::Generate(g)) = pl.sources.get(id) {
+        return generated_schema(p, id, g).await;
+    }
     if let Some(s) = pl.sources.get(id) {
         let declared = s.declared_schema()?;
         return match schema::from_declared(declared) {
@@ -408,6 +411,18 @@ async fn node_schema(
                 p.diags.extend(diags);
             }
             Some(alert_schema(input))
+        }
+    }
+}
+
+/// The columns of a generate source, planned from its expressions.
+async fn generated_schema(p: &mut Problems<'_>, id: &str, g: &GenerateSource) -> Option<SchemaRef> {
+    let sql = crate::connectors::generate::sql(g, 1).ok()?;
+    match Planner::new().output_schema(&sql).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            p.error(p.id_pos(id), format!("source '{id}': {e}"));
+            None
         }
     }
 }

@@ -1,3 +1,4 @@
 //! Transforms: SQL on DataFusion ([`sql`]) and the engine's own SQL functions.
 
+pub mod generate;
 pub mod sql;

@@ -65,6 +65,7 @@ impl Planner {
     pub fn new() -> Self {
         let ctx = SessionContext::new();
         register_functions(&ctx);
+        super::generate::register(&ctx);
         Self { ctx }
     }
 

@@ -3,7 +3,9 @@
 
 mod cli;
 mod golden;
+mod postgres;
 mod repo;
+mod run;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,57 @@
+//! `engine run SPEC`: one batch run, a summary table at the end, optionally a
+//! JSON report. Exit status 0 ok, 1 a check failed, 2 invalid, 3 runtime failure.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use super::SpecArgs;
+use crate::error::{Error, Result};
+use crate::run::{self, RunOptions};
+use crate::spec::model::Mode;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The pipeline file.
+    #[arg(value_name = "SPEC")]
+    spec_file: PathBuf,
+    /// Run only this node and what it reads from (repeatable).
+    #[arg(long, value_name = "NODE")]
+    select: Vec<String>,
+    /// Compute and check everything, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Write a JSON run report here.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    #[command(flatten)]
+    spec: SpecArgs,
+}
+
+pub async fn run(args: Args) -> Result<i32> {
+    let plan = super::compile(&args.spec_file, &args.spec.load_options()?).await?;
+    if plan.spec.pipeline.mode == Mode::Stream {
+        return Err(Error::Usage(format!(
+            "'{}' is a stream pipeline; run it with `engine stream`",
+            args.spec_file.display()
+        )));
+    }
+    let opts =
+        RunOptions { select: args.select, dry_run: args.dry_run, progress: std::io::stderr().is_terminal() };
+    let result = run::run(&plan, &opts).await;
+    let (report, error) = match result {
+        Ok(r) => (Some(r), None),
+        Err(e) => (None, Some(e)),
+    };
+    if let Some(r) = &report {
+        eprint!("{}", r.summary());
+        if let Some(path) = &args.report {
+            let json = serde_json::to_string_pretty(r).map_err(|e| Error::Internal(e.to_string()))?;
+            std::fs::write(path, json).map_err(|e| Error::io(path, e))?;
+        }
+    }
+    match (report, error) {
+        (Some(r), _) => Ok(r.exit_code()),
+        (None, Some(e)) => Err(e),
+        (None, None) => Err(Error::Internal("a run ended without a report".into())),
+    }
+}

@@ -1,0 +1,109 @@
+//! The postgres source: a table or query streamed through binary COPY and
+//! decoded into Arrow batches as the bytes arrive.
+
+use datafusion::common::DataFusionError;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use futures::StreamExt;
+use sqlx::{PgConnection, Row};
+
+use super::decode::{Decoder, PgColumn};
+use super::{connect, external};
+use crate::error::{Error, Result};
+use crate::spec::model::PostgresSource;
+
+const BATCH_ROWS: usize = 65_536;
+
+/// The SELECT a source reads, before any incremental filter.
+pub fn base_query(src: &PostgresSource) -> String {
+    match (&src.table, &src.query) {
+        (Some(t), _) => format!("SELECT * FROM {}", super::quote_table(t.value())),
+        (None, Some(q)) => q.value().trim().trim_end_matches(';').to_string(),
+        (None, None) => "SELECT 1 WHERE false".to_string(),
+    }
+}
+
+/// The columns a query returns, with their exact types (numeric precision
+/// included), found through a temporary view.
+pub async fn describe(
+    conn: &mut PgConnection,
+    query: &str,
+) -> std::result::Result<Vec<PgColumn>, sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE OR REPLACE TEMP VIEW engine_describe AS {query}")))
+        .execute(&mut *conn)
+        .await?;
+    let rows = sqlx::query(
+        "SELECT a.attname::text, a.atttypid::int8, a.atttypmod, format_type(a.atttypid, a.atttypmod) \
+         FROM pg_attribute a WHERE a.attrelid = 'engine_describe'::regclass AND a.attnum > 0 \
+         AND NOT a.attisdropped ORDER BY a.attnum",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    sqlx::query("DROP VIEW engine_describe").execute(&mut *conn).await?;
+    Ok(rows
+        .iter()
+        .map(|r| PgColumn {
+            name: r.get(0),
+            oid: r.get::<i64, _>(1) as u32,
+            typmod: r.get(2),
+            type_name: r.get(3),
+        })
+        .collect())
+}
+
+/// Streams the rows of `src` (above `watermark` when incremental) as batches.
+pub async fn open(
+    name: &str,
+    url: &str,
+    src: &PostgresSource,
+    watermark: Option<&str>,
+) -> Result<SendableRecordBatchStream> {
+    let mut conn = connect(name, url).await?;
+    let base = base_query(src);
+    let columns = describe(&mut conn, &base).await.map_err(|e| external(name, url, e))?;
+    let mut query = base;
+    if let (Some(inc), Some(wm)) = (&src.incremental, watermark) {
+        let col = columns.iter().find(|c| c.name == inc.column).ok_or_else(|| {
+            Error::Usage(format!("incremental column '{}' is not in the source's columns", inc.column))
+        })?;
+        let lookback =
+            inc.lookback.as_deref().and_then(|l| humantime::parse_duration(l).ok()).map(|d| d.as_secs());
+        let bound = match lookback {
+            Some(secs) if secs > 0 => {
+                format!("CAST('{}' AS {}) - INTERVAL '{secs} seconds'", wm.replace('\'', "''"), col.type_name)
+            }
+            _ => format!("CAST('{}' AS {})", wm.replace('\'', "''"), col.type_name),
+        };
+        query =
+            format!("SELECT * FROM ({query}) AS s WHERE \"{}\" > {bound}", inc.column.replace('"', "\"\""));
+    }
+    let mut decoder = Decoder::new(&columns, BATCH_ROWS).map_err(Error::Usage)?;
+    let schema = decoder.schema();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let (name, url) = (name.to_string(), url.to_string());
+    tokio::spawn(async move {
+        let result: std::result::Result<(), String> = async {
+            let copy = format!("COPY ({query}) TO STDOUT (FORMAT binary)");
+            let mut stream = conn.copy_out_raw(&copy).await.map_err(|e| e.to_string())?;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| e.to_string())?;
+                for batch in decoder.push(&chunk)? {
+                    if tx.send(Ok(batch)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            if decoder.pending_rows() > 0 {
+                let _ = tx.send(Ok(decoder.flush()?)).await;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let e = external(&name, &url, e);
+            let _ = tx.send(Err(DataFusionError::External(Box::new(e)))).await;
+        }
+    });
+    let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+}

@@ -1,0 +1,416 @@
+//! The batch executor: runs a compiled [`Plan`] once.
+//!
+//! Each source and transform streams its output into an Arrow IPC file in a
+//! run folder, which then serves as the table of that node id in one
+//! DataFusion session: downstream SQL, checks and sinks read it back as a
+//! stream, so memory does not grow with the data. Checks run on those files
+//! before any sink writes; `on_fail: quarantine` splits a node's file into
+//! passing and quarantined rows. A failing check of severity `error` ends the
+//! run with status 1 and nothing written.
+
+pub mod checks;
+pub mod report;
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::ipc::writer::FileWriter;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::datasource::file_format::options::ArrowReadOptions;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use futures::StreamExt;
+
+use crate::connectors::{self, df_error, postgres};
+use crate::error::{Error, Result};
+use crate::plan::validate::{parse_max_failures, MaxFailures};
+use crate::plan::Plan;
+use crate::spec::model::{Check, Connection, OnFail, PostgresConnection, Severity, Sink, Transform};
+use checks::CheckSql;
+use report::{CheckOutcome, NodeReport, RunReport, Status};
+
+/// How `engine run` runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Run only these nodes and what they need (empty: all).
+    pub select: Vec<String>,
+    /// Compute and check everything, write nothing.
+    pub dry_run: bool,
+    /// Show progress on the terminal.
+    pub progress: bool,
+}
+
+/// Runs the plan; the report says how it went (`Status`).
+pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
+    let mut ex = Executor::new(plan, opts)?;
+    let started = Instant::now();
+    let outcome = ex.run_nodes().await;
+    let mut report = ex.report;
+    report.seconds = started.elapsed().as_secs_f64();
+    match outcome {
+        Ok(()) => Ok(report),
+        Err(e) => {
+            report.status = Status::Failed;
+            report.error = Some(plan.spec.secrets.scrub(&e.to_string()));
+            Err(e)
+        }
+    }
+}
+
+/// A session with the engine's functions and a memory limit that makes large
+/// joins and aggregates spill to disk instead of growing without bound.
+pub fn session() -> SessionContext {
+    let config = SessionConfig::new().with_target_partitions(2).with_batch_size(8192);
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_limit(512 * 1024 * 1024, 1.0)
+        .build_arc()
+        .unwrap_or_default();
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    crate::transform::sql::register_functions(&ctx);
+    crate::transform::generate::register(&ctx);
+    ctx
+}
+
+struct Executor<'a> {
+    plan: &'a Plan,
+    opts: &'a RunOptions,
+    ctx: SessionContext,
+    dir: tempfile::TempDir,
+    selected: HashSet<String>,
+    report: RunReport,
+    /// The quarantine table's connection, once a check has needed it.
+    quarantine: Option<sqlx::PgConnection>,
+}
+
+impl<'a> Executor<'a> {
+    fn new(plan: &'a Plan, opts: &'a RunOptions) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("engine-run-")
+            .tempdir()
+            .map_err(|e| Error::io(&std::env::temp_dir(), e))?;
+        let selected = select(plan, &opts.select)?;
+        let report = RunReport::new(&plan.spec.pipeline.name);
+        Ok(Self { plan, opts, ctx: session(), dir, selected, report, quarantine: None })
+    }
+
+    /// Applies the migrations of every postgres connection that names them.
+    async fn migrate(&self) -> Result<()> {
+        for (name, c) in &self.plan.spec.pipeline.connections {
+            if let Connection::Postgres(PostgresConnection { url, migrations: Some(dir), .. }) = c {
+                let mut conn = postgres::connect(name, url).await?;
+                postgres::migrate(name, url, &mut conn, &self.plan.spec.resolve(dir.value())).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn run_nodes(&mut self) -> Result<()> {
+        if !self.opts.dry_run {
+            self.migrate().await?;
+        }
+        let pipeline = &self.plan.spec.pipeline;
+        let order: Vec<String> = self.plan_order();
+        for id in &order {
+            if !self.selected.contains(id) || pipeline.sinks.contains_key(id) {
+                continue;
+            }
+            self.compute(id).await?;
+        }
+        if self.report.checks.iter().any(|c| !c.passed && c.severity == Severity::Error) {
+            self.report.status = Status::CheckFailed;
+            return Ok(());
+        }
+        for id in &order {
+            if let Some(sink) = pipeline.sinks.get(id) {
+                if self.selected.contains(id) {
+                    self.write_sink(id, sink).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Node ids, inputs first.
+    fn plan_order(&self) -> Vec<String> {
+        let mut seen = HashSet::new();
+        let mut order = Vec::new();
+        for i in petgraph::algo::toposort(&self.plan.graph, None).unwrap_or_default() {
+            let id = &self.plan.graph[i].id;
+            if seen.insert(id.clone()) {
+                order.push(id.clone());
+            }
+        }
+        order
+    }
+
+    /// Computes a source or transform into its file, then runs its checks.
+    async fn compute(&mut self, id: &str) -> Result<()> {
+        let started = Instant::now();
+        let pipeline = &self.plan.spec.pipeline;
+        let (role, stream) = if let Some(src) = pipeline.sources.get(id) {
+            ("source", connectors::open_source(&self.ctx, &self.plan.spec, id, src, None).await?)
+        } else {
+            let Some(t) = pipeline.transforms.get(id) else { return Ok(()) };
+            let stream = match t {
+                Transform::Sql(s) => {
+                    let df = self
+                        .ctx
+                        .sql(s.sql.value())
+                        .await
+                        .map_err(|e| df_error(&format!("transform '{id}'"), e))?;
+                    df.execute_stream().await.map_err(|e| df_error(&format!("transform '{id}'"), e))?
+                }
+                Transform::Rules(_) => {
+                    return Err(Error::Usage(format!(
+                        "transform '{id}': rules transforms run with `engine stream`"
+                    )));
+                }
+            };
+            ("transform", stream)
+        };
+        let rows_in = self.input_rows(id);
+        let (path, rows) = self.materialize(id, "out", stream).await?;
+        self.register(id, &path).await?;
+        let mut node = NodeReport::new(id, role, rows_in, rows);
+        let checks: Vec<Check> = match (pipeline.sources.get(id), pipeline.transforms.get(id)) {
+            (Some(s), _) => s.checks().to_vec(),
+            (_, Some(t)) => t.checks().to_vec(),
+            _ => vec![],
+        };
+        for (i, check) in checks.iter().enumerate() {
+            let outcome = self.check(id, i, check, rows).await?;
+            node.quarantined += outcome.quarantined;
+            self.report.checks.push(outcome);
+        }
+        node.rows_out = rows - node.quarantined;
+        node.seconds = started.elapsed().as_secs_f64();
+        self.report.nodes.push(node);
+        Ok(())
+    }
+
+    fn input_rows(&self, id: &str) -> Option<u64> {
+        let inputs: Vec<&String> = match self.plan.spec.pipeline.transforms.get(id)? {
+            Transform::Sql(_) => self.plan.nodes.keys().filter(|n| self.reads(id, n)).collect(),
+            Transform::Rules(r) => vec![r.input.value()],
+        };
+        Some(
+            inputs
+                .iter()
+                .filter_map(|i| self.report.nodes.iter().find(|n| &n.node == *i))
+                .map(|n| n.rows_out)
+                .sum(),
+        )
+    }
+
+    fn reads(&self, id: &str, input: &str) -> bool {
+        let (Some(&to), Some(&from)) = (self.plan.nodes.get(id), self.plan.outputs.get(input)) else {
+            return false;
+        };
+        self.plan.graph.contains_edge(from, to)
+    }
+
+    /// Streams batches into an Arrow IPC file of the run folder.
+    async fn materialize(
+        &self,
+        id: &str,
+        tag: &str,
+        mut stream: SendableRecordBatchStream,
+    ) -> Result<(PathBuf, u64)> {
+        let path = self.dir.path().join(format!("{id}.{tag}.arrow"));
+        let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let schema: SchemaRef = stream.schema();
+        let what = format!("node '{id}'");
+        let mut writer = FileWriter::try_new(file, &schema).map_err(|e| df_error(&what, e))?;
+        let mut rows = 0u64;
+        while let Some(batch) = stream.next().await {
+            let batch: RecordBatch = batch.map_err(|e| df_error(&what, e))?;
+            rows += batch.num_rows() as u64;
+            writer.write(&batch).map_err(|e| df_error(&what, e))?;
+        }
+        writer.finish().map_err(|e| df_error(&what, e))?;
+        Ok((path, rows))
+    }
+
+    async fn register(&self, id: &str, path: &std::path::Path) -> Result<()> {
+        let what = format!("node '{id}'");
+        self.ctx.deregister_table(id).map_err(|e| df_error(&what, e))?;
+        let opts = ArrowReadOptions { file_extension: ".arrow", ..Default::default() };
+        self.ctx.register_arrow(id, &path.to_string_lossy(), opts).await.map_err(|e| df_error(&what, e))
+    }
+
+    async fn query(&self, what: &str, sql: &str) -> Result<Vec<RecordBatch>> {
+        let df = self.ctx.sql(sql).await.map_err(|e| df_error(what, e))?;
+        df.collect().await.map_err(|e| df_error(what, e))
+    }
+
+    async fn stream(&self, what: &str, sql: &str) -> Result<SendableRecordBatchStream> {
+        let df = self.ctx.sql(sql).await.map_err(|e| df_error(what, e))?;
+        df.execute_stream().await.map_err(|e| df_error(what, e))
+    }
+
+    /// Evaluates one check of node `id` on its current file.
+    async fn check(&mut self, id: &str, index: usize, check: &Check, rows: u64) -> Result<CheckOutcome> {
+        let what = format!("check '{}' on '{id}'", check.name());
+        let table = checks::ident(id);
+        let opts = check.options();
+        let mut outcome = CheckOutcome::new(id, check);
+        match checks::compile(check, id) {
+            CheckSql::Rows { predicate, reason } => {
+                let failing = format!("SELECT * FROM {table} WHERE {predicate}");
+                let count =
+                    scalar_u64(&self.query(&what, &format!("SELECT count(*) FROM ({failing})")).await?);
+                outcome.failing_rows = count;
+                outcome.samples = to_json_rows(&self.query(&what, &format!("{failing} LIMIT 10")).await?);
+                outcome.message = if count == 0 { "ok".into() } else { format!("{count} rows: {reason}") };
+                if opts.on_fail == OnFail::Quarantine && count > 0 {
+                    let allowed = match opts.max_failures.and_then(parse_max_failures) {
+                        Some(MaxFailures::Count(n)) => n,
+                        Some(MaxFailures::Percent(p)) => ((rows as f64) * p / 100.0).floor() as u64,
+                        None => 0,
+                    };
+                    outcome.passed = count <= allowed;
+                    let failing_rows = self.stream(&what, &failing).await?;
+                    self.quarantine_rows(id, check.name(), &reason, failing_rows).await?;
+                    let passing =
+                        self.stream(&what, &format!("SELECT * FROM {table} WHERE NOT ({predicate})")).await?;
+                    let (path, _) = self.materialize(id, &format!("check{index}"), passing).await?;
+                    self.register(id, &path).await?;
+                    outcome.quarantined = count;
+                    outcome.reason = Some(reason);
+                } else {
+                    outcome.passed = count == 0;
+                }
+            }
+            CheckSql::RowCount { min, max } => {
+                let n = scalar_u64(&self.query(&what, &format!("SELECT count(*) FROM {table}")).await?);
+                outcome.passed = min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m);
+                outcome.message = format!("{n} rows");
+            }
+            CheckSql::Freshness { column, max_age_secs } => {
+                let sql = format!(
+                    "SELECT CAST(date_part('epoch', now()) - date_part('epoch', max({})) AS BIGINT) FROM {table}",
+                    checks::ident(&column)
+                );
+                let age = scalar_i64(&self.query(&what, &sql).await?);
+                outcome.passed = age.is_some_and(|a| a as u64 <= max_age_secs);
+                outcome.message = match age {
+                    Some(a) => format!("newest {column} is {a}s old (max {max_age_secs}s)"),
+                    None => format!("no {column} values"),
+                };
+            }
+        }
+        if !outcome.passed && opts.severity == Severity::Warn {
+            tracing::info!("{what}: {}", outcome.message);
+        }
+        Ok(outcome)
+    }
+
+    /// Moves failing rows into the quarantine table (not in a dry run).
+    async fn quarantine_rows(
+        &mut self,
+        id: &str,
+        check: &str,
+        reason: &str,
+        mut rows: SendableRecordBatchStream,
+    ) -> Result<()> {
+        if self.opts.dry_run {
+            return Ok(());
+        }
+        let Some(q) = &self.plan.spec.pipeline.quarantine else {
+            return Err(Error::Internal("a quarantine check without a quarantine table".into()));
+        };
+        let name = q.connection.value();
+        let Some(conn) = self.plan.spec.pipeline.connections.get(name) else {
+            return Err(Error::Internal(format!("quarantine connection '{name}' is missing")));
+        };
+        let url = conn.url().to_string();
+        if self.quarantine.is_none() {
+            self.quarantine = Some(postgres::connect(name, &url).await?);
+        }
+        let run_id = self.report.run_id.clone();
+        let table = q.table.clone();
+        while let Some(batch) = rows.next().await {
+            let batch = batch.map_err(|e| df_error("quarantine", e))?;
+            let rejects: Vec<postgres::Reject> = to_json_rows(&[batch])
+                .into_iter()
+                .map(|row| postgres::Reject { reason: reason.to_string(), row })
+                .collect();
+            let conn =
+                self.quarantine.as_mut().ok_or_else(|| Error::Internal("quarantine connection".into()))?;
+            postgres::write_rejects(conn, &table, &run_id, id, check, &rejects)
+                .await
+                .map_err(|e| postgres::external(name, &url, e))?;
+        }
+        Ok(())
+    }
+
+    async fn write_sink(&mut self, id: &str, sink: &Sink) -> Result<()> {
+        let started = Instant::now();
+        let input = sink.input().value();
+        let what = format!("sink '{id}'");
+        let stream = self.stream(&what, &format!("SELECT * FROM {}", checks::ident(input))).await?;
+        let rows = if self.opts.dry_run {
+            0
+        } else {
+            connectors::write_local(&self.plan.spec, id, sink, stream).await?
+        };
+        let rows_in = self.report.nodes.iter().find(|n| n.node == *input).map(|n| n.rows_out);
+        let mut node = NodeReport::new(id, "sink", rows_in, rows);
+        node.seconds = started.elapsed().as_secs_f64();
+        self.report.nodes.push(node);
+        Ok(())
+    }
+}
+
+/// The nodes `--select` asks for and everything they read from; all when empty.
+fn select(plan: &Plan, names: &[String]) -> Result<HashSet<String>> {
+    let all: HashSet<String> = plan.nodes.keys().cloned().collect();
+    if names.is_empty() {
+        return Ok(all);
+    }
+    let mut out = HashSet::new();
+    for name in names {
+        let Some(&idx) = plan.nodes.get(name) else {
+            let hint = crate::spec::suggest::hint(name, all.iter().map(String::as_str));
+            return Err(Error::Usage(format!("--select: unknown node '{name}'{hint}")));
+        };
+        let mut dfs = petgraph::visit::Dfs::new(petgraph::visit::Reversed(&plan.graph), idx);
+        while let Some(n) = dfs.next(petgraph::visit::Reversed(&plan.graph)) {
+            out.insert(plan.graph[n].id.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn scalar_u64(batches: &[RecordBatch]) -> u64 {
+    scalar_i64(batches).unwrap_or(0).max(0) as u64
+}
+
+fn scalar_i64(batches: &[RecordBatch]) -> Option<i64> {
+    use datafusion::arrow::array::{Array, Int64Array};
+    let b = batches.iter().find(|b| b.num_rows() > 0)?;
+    let col =
+        datafusion::arrow::compute::cast(b.column(0), &datafusion::arrow::datatypes::DataType::Int64).ok()?;
+    let a = col.as_any().downcast_ref::<Int64Array>()?;
+    (!a.is_null(0)).then(|| a.value(0))
+}
+
+/// Rows as JSON objects, for reports and the quarantine table.
+pub fn to_json_rows(batches: &[RecordBatch]) -> Vec<serde_json::Value> {
+    let mut buf = Vec::new();
+    {
+        let mut w = datafusion::arrow::json::ArrayWriter::new(&mut buf);
+        for b in batches {
+            if w.write(b).is_err() {
+                return vec![];
+            }
+        }
+        if w.finish().is_err() {
+            return vec![];
+        }
+    }
+    serde_json::from_slice(&buf).unwrap_or_default()
+}

@@ -1,0 +1,63 @@
+//! The postgres source against a real PostgreSQL (started by
+//! `scripts/services`; `ENGINE_TEST_PG` overrides the server URL).
+
+use std::fs;
+use std::process::Command;
+
+use super::{engine, text};
+
+fn server() -> String {
+    std::env::var("ENGINE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
+}
+
+/// Runs SQL with psql against database `db`, panicking with its output on failure.
+fn psql(db: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([&format!("{}/{db}", server()), "-v", "ON_ERROR_STOP=1", "-qtA", "-c", sql])
+        .output()
+        .expect("psql runs");
+    assert!(out.status.success(), "psql failed: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// A fresh database for one test.
+fn database(name: &str) -> String {
+    let db = format!("engine_it_{name}");
+    psql("postgres", &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+    psql("postgres", &format!("CREATE DATABASE {db}"));
+    db
+}
+
+#[test]
+fn postgres_source_reads_every_supported_type() {
+    let db = database("types");
+    psql(
+        &db,
+        "CREATE TABLE t (id int8 PRIMARY KEY, small int2, i int4, f float8, r real, amount numeric(12,2), \
+         code char(3), name text, ok bool, day date, at timestamptz, local timestamp, doc jsonb, u uuid); \
+         INSERT INTO t VALUES \
+         (1, 7, 42, 1.5, 2.25, 2450.00, 'USD', 'Ana', true, '2026-01-02', '2026-11-26T10:15:02.123Z', '2026-01-02 03:04:05', '{\"a\": 1}', '123e4567-e89b-12d3-a456-426614174000'), \
+         (2, NULL, NULL, NULL, NULL, -0.05, 'EU', NULL, false, NULL, NULL, NULL, NULL, NULL), \
+         (3, -1, -2, -3.5, 0, 12345678.91, 'GBP', 'Zoë ''q''', NULL, '1999-12-31', '1970-01-01T00:00:00Z', NULL, '[]', NULL)",
+    );
+    let dir = std::env::temp_dir().join(format!("engine-pg-types-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    let spec = format!(
+        "version: 1\nname: pgtypes\nconnections:\n  db: {{ type: postgres, url: \"{}/{db}\" }}\nsources:\n  t: {{ connection: db, query: \"SELECT * FROM t ORDER BY id\" }}\nsinks:\n  out: {{ input: t, type: file, path: out.csv, format: csv }}\n",
+        server()
+    );
+    fs::write(dir.join("p.yaml"), spec).expect("spec");
+    let out = engine(&dir, &["run", "p.yaml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let csv = fs::read_to_string(dir.join("out.csv")).expect("csv");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "id,small,i,f,r,amount,code,name,ok,day,at,local,doc,u");
+    assert_eq!(
+        lines[1],
+        "1,7,42,1.5,2.25,2450.00,USD,Ana,true,2026-01-02,2026-11-26T10:15:02.123Z,2026-01-02T03:04:05,\"{\"\"a\"\": 1}\",123e4567-e89b-12d3-a456-426614174000"
+    );
+    assert_eq!(lines[2], "2,,,,,-0.05,EU,,false,,,,,");
+    assert_eq!(lines[3], "3,-1,-2,-3.5,0.0,12345678.91,GBP,Zoë 'q',,1999-12-31,1970-01-01T00:00:00Z,,[],");
+    assert_eq!(lines.len(), 4);
+}
