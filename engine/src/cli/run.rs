@@ -20,6 +20,9 @@ pub struct Args {
     /// Compute and check everything, write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Ignore stored watermarks: incremental sources read everything again.
+    #[arg(long)]
+    full_refresh: bool,
     /// Write a JSON run report here.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -35,23 +38,20 @@ pub async fn run(args: Args) -> Result<i32> {
             args.spec_file.display()
         )));
     }
-    let opts =
-        RunOptions { select: args.select, dry_run: args.dry_run, progress: std::io::stderr().is_terminal() };
-    let result = run::run(&plan, &opts).await;
-    let (report, error) = match result {
-        Ok(r) => (Some(r), None),
-        Err(e) => (None, Some(e)),
+    let opts = RunOptions {
+        select: args.select,
+        dry_run: args.dry_run,
+        full_refresh: args.full_refresh,
+        progress: std::io::stderr().is_terminal(),
     };
-    if let Some(r) = &report {
-        eprint!("{}", r.summary());
-        if let Some(path) = &args.report {
-            let json = serde_json::to_string_pretty(r).map_err(|e| Error::Internal(e.to_string()))?;
-            std::fs::write(path, json).map_err(|e| Error::io(path, e))?;
-        }
+    let (report, outcome) = run::run(&plan, &opts).await;
+    if !report.nodes.is_empty() || outcome.is_ok() {
+        eprint!("{}", report.summary());
     }
-    match (report, error) {
-        (Some(r), _) => Ok(r.exit_code()),
-        (None, Some(e)) => Err(e),
-        (None, None) => Err(Error::Internal("a run ended without a report".into())),
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Internal(e.to_string()))?;
+        std::fs::write(path, json).map_err(|e| Error::io(path, e))?;
     }
+    outcome?;
+    Ok(report.exit_code())
 }

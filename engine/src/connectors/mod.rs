@@ -5,6 +5,7 @@
 
 pub mod file;
 pub mod generate;
+pub mod mongodb;
 pub mod postgres;
 pub mod stdout;
 
@@ -31,10 +32,10 @@ pub async fn open_source(
             let url = spec.pipeline.connections.get(name).map(|c| c.url().to_string()).unwrap_or_default();
             postgres::source::open(name, &url, p, watermark).await
         }
-        Source::Mongodb(_) => Err(Error::Usage(format!(
-            "source '{id}': batch reading from {} is not available in this version",
-            source.kind().name()
-        ))),
+        Source::Mongodb(m) => {
+            let (name, url, database) = mongo_connection(spec, m.connection.value())?;
+            mongodb::open(name, url, database, m).await
+        }
         Source::Redis(_) => {
             Err(Error::Usage(format!("source '{id}': redis sources run with `engine stream`")))
         }
@@ -51,10 +52,23 @@ pub async fn write_local(
     match sink {
         Sink::File(f) => file::write(spec, f, input).await,
         Sink::Stdout(s) => stdout::write(s, input).await,
-        Sink::Postgres(_) | Sink::Mongodb(_) | Sink::Redis(_) => Err(Error::Usage(format!(
+        Sink::Postgres(_) => Err(Error::Internal(format!("sink '{id}': postgres sinks load per connection"))),
+        Sink::Mongodb(m) => {
+            let (name, url, database) = mongo_connection(spec, m.connection.value())?;
+            mongodb::write(name, url, database, m, input).await
+        }
+        Sink::Redis(_) => Err(Error::Usage(format!(
             "sink '{id}': writing to {} is not available in this version",
             sink.kind().name()
         ))),
+    }
+}
+
+/// The name, URL and database of a mongodb connection.
+fn mongo_connection<'a>(spec: &'a Spec, name: &'a str) -> Result<(&'a str, &'a str, &'a str)> {
+    match spec.pipeline.connections.get(name) {
+        Some(crate::spec::model::Connection::Mongodb(c)) => Ok((name, &c.url, &c.database)),
+        _ => Err(Error::Internal(format!("connection '{name}' is not a mongodb connection"))),
     }
 }
 

@@ -28,7 +28,10 @@ use crate::connectors::{self, df_error, postgres};
 use crate::error::{Error, Result};
 use crate::plan::validate::{parse_max_failures, MaxFailures};
 use crate::plan::Plan;
-use crate::spec::model::{Check, Connection, OnFail, PostgresConnection, Severity, Sink, Transform};
+use crate::spec::model::{
+    Check, Connection, OnFail, PostgresConnection, PostgresSink, PostgresSource, Severity, Sink, Source,
+    Transform,
+};
 use checks::CheckSql;
 use report::{CheckOutcome, NodeReport, RunReport, Status};
 
@@ -39,25 +42,28 @@ pub struct RunOptions {
     pub select: Vec<String>,
     /// Compute and check everything, write nothing.
     pub dry_run: bool,
+    /// Ignore stored watermarks: incremental sources read everything.
+    pub full_refresh: bool,
     /// Show progress on the terminal.
     pub progress: bool,
 }
 
-/// Runs the plan; the report says how it went (`Status`).
-pub async fn run(plan: &Plan, opts: &RunOptions) -> Result<RunReport> {
-    let mut ex = Executor::new(plan, opts)?;
+/// Runs the plan. The report says how far it got (`Status`), also when the
+/// run stopped on an error, which comes back beside it.
+pub async fn run(plan: &Plan, opts: &RunOptions) -> (RunReport, Result<()>) {
+    let mut ex = match Executor::new(plan, opts) {
+        Ok(ex) => ex,
+        Err(e) => return (RunReport::new(&plan.spec.pipeline.name), Err(e)),
+    };
     let started = Instant::now();
     let outcome = ex.run_nodes().await;
     let mut report = ex.report;
     report.seconds = started.elapsed().as_secs_f64();
-    match outcome {
-        Ok(()) => Ok(report),
-        Err(e) => {
-            report.status = Status::Failed;
-            report.error = Some(plan.spec.secrets.scrub(&e.to_string()));
-            Err(e)
-        }
+    if let Err(e) = &outcome {
+        report.status = Status::Failed;
+        report.error = Some(plan.spec.secrets.scrub(&e.to_string()));
     }
+    (report, outcome)
 }
 
 /// A session with the engine's functions and a memory limit that makes large
@@ -83,6 +89,8 @@ struct Executor<'a> {
     report: RunReport,
     /// The quarantine table's connection, once a check has needed it.
     quarantine: Option<sqlx::PgConnection>,
+    /// New watermarks of incremental sources, stored with the sinks.
+    watermarks: Vec<(String, String)>,
 }
 
 impl<'a> Executor<'a> {
@@ -93,7 +101,7 @@ impl<'a> Executor<'a> {
             .map_err(|e| Error::io(&std::env::temp_dir(), e))?;
         let selected = select(plan, &opts.select)?;
         let report = RunReport::new(&plan.spec.pipeline.name);
-        Ok(Self { plan, opts, ctx: session(), dir, selected, report, quarantine: None })
+        Ok(Self { plan, opts, ctx: session(), dir, selected, report, quarantine: None, watermarks: vec![] })
     }
 
     /// Applies the migrations of every postgres connection that names them.
@@ -123,14 +131,7 @@ impl<'a> Executor<'a> {
             self.report.status = Status::CheckFailed;
             return Ok(());
         }
-        for id in &order {
-            if let Some(sink) = pipeline.sinks.get(id) {
-                if self.selected.contains(id) {
-                    self.write_sink(id, sink).await?;
-                }
-            }
-        }
-        Ok(())
+        self.write_sinks().await
     }
 
     /// Node ids, inputs first.
@@ -151,7 +152,11 @@ impl<'a> Executor<'a> {
         let started = Instant::now();
         let pipeline = &self.plan.spec.pipeline;
         let (role, stream) = if let Some(src) = pipeline.sources.get(id) {
-            ("source", connectors::open_source(&self.ctx, &self.plan.spec, id, src, None).await?)
+            let watermark = self.stored_watermark(id, src).await?;
+            (
+                "source",
+                connectors::open_source(&self.ctx, &self.plan.spec, id, src, watermark.as_deref()).await?,
+            )
         } else {
             let Some(t) = pipeline.transforms.get(id) else { return Ok(()) };
             let stream = match t {
@@ -174,6 +179,20 @@ impl<'a> Executor<'a> {
         let rows_in = self.input_rows(id);
         let (path, rows) = self.materialize(id, "out", stream).await?;
         self.register(id, &path).await?;
+        if let Some(Source::Postgres(PostgresSource { incremental: Some(inc), .. })) =
+            pipeline.sources.get(id)
+        {
+            if rows > 0 {
+                let sql = format!(
+                    "SELECT CAST(max({}) AS VARCHAR) FROM {}",
+                    checks::ident(&inc.column),
+                    checks::ident(id)
+                );
+                if let Some(wm) = scalar_string(&self.query(&format!("source '{id}'"), &sql).await?) {
+                    self.watermarks.push((id.to_string(), wm));
+                }
+            }
+        }
         let mut node = NodeReport::new(id, role, rows_in, rows);
         let checks: Vec<Check> = match (pipeline.sources.get(id), pipeline.transforms.get(id)) {
             (Some(s), _) => s.checks().to_vec(),
@@ -347,21 +366,114 @@ impl<'a> Executor<'a> {
         Ok(())
     }
 
-    async fn write_sink(&mut self, id: &str, sink: &Sink) -> Result<()> {
-        let started = Instant::now();
-        let input = sink.input().value();
-        let what = format!("sink '{id}'");
-        let stream = self.stream(&what, &format!("SELECT * FROM {}", checks::ident(input))).await?;
-        let rows = if self.opts.dry_run {
-            0
-        } else {
-            connectors::write_local(&self.plan.spec, id, sink, stream).await?
-        };
-        let rows_in = self.report.nodes.iter().find(|n| n.node == *input).map(|n| n.rows_out);
-        let mut node = NodeReport::new(id, "sink", rows_in, rows);
-        node.seconds = started.elapsed().as_secs_f64();
-        self.report.nodes.push(node);
+    /// The stored watermark of an incremental postgres source, unless `--full-refresh`.
+    async fn stored_watermark(&self, id: &str, src: &Source) -> Result<Option<String>> {
+        let Source::Postgres(PostgresSource { incremental: Some(_), .. }) = src else { return Ok(None) };
+        let Some(state) = &self.plan.spec.pipeline.state else { return Ok(None) };
+        if self.opts.full_refresh {
+            return Ok(None);
+        }
+        let name = state.connection.value();
+        let url =
+            self.plan.spec.pipeline.connections.get(name).map(|c| c.url().to_string()).unwrap_or_default();
+        let mut conn = postgres::connect(name, &url).await?;
+        let sql = format!(
+            "SELECT watermark FROM {} WHERE pipeline = $1 AND node = $2",
+            postgres::quote_table(&state.table)
+        );
+        sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
+            .bind(&self.plan.spec.pipeline.name)
+            .bind(id)
+            .fetch_optional(&mut conn)
+            .await
+            .map_err(|e| {
+                postgres::external(name, &url, format!("reading watermarks from '{}': {e}", state.table))
+            })
+    }
+
+    /// A stream of a node's current output.
+    async fn output(&self, id: &str, node: &str) -> Result<SendableRecordBatchStream> {
+        self.stream(&format!("sink '{id}'"), &format!("SELECT * FROM {}", checks::ident(node))).await
+    }
+
+    /// Writes every selected sink: postgres sinks per connection in one
+    /// transaction with the run's watermarks, the others one by one.
+    async fn write_sinks(&mut self) -> Result<()> {
+        let pipeline = &self.plan.spec.pipeline;
+        // Declaration order: on one connection, sinks load in the order they
+        // are written, so a table is loaded before the tables referencing it.
+        let sinks: Vec<(&String, &Sink)> =
+            pipeline.sinks.iter().filter(|(id, _)| self.selected.contains(*id)).collect();
+        let mut groups: indexmap::IndexMap<String, Vec<(&String, &PostgresSink)>> = indexmap::IndexMap::new();
+        for (id, sink) in &sinks {
+            if let Sink::Postgres(p) = sink {
+                groups.entry(p.connection.value().clone()).or_default().push((id, p));
+            }
+        }
+        let state_conn = pipeline.state.as_ref().map(|s| s.connection.value().clone());
+        if let Some(sc) = &state_conn {
+            if !self.watermarks.is_empty() && !groups.contains_key(sc) {
+                groups.insert(sc.clone(), vec![]);
+            }
+        }
+        for (name, members) in groups {
+            let started = Instant::now();
+            let url = pipeline.connections.get(&name).map(|c| c.url().to_string()).unwrap_or_default();
+            let mut loads = Vec::new();
+            for (id, p) in &members {
+                loads.push(postgres::sink::Load {
+                    id,
+                    sink: p,
+                    input: self.output(id, p.input.value()).await?,
+                });
+            }
+            let marks =
+                if state_conn.as_deref() == Some(name.as_str()) { self.watermark_rows() } else { vec![] };
+            let written = if self.opts.dry_run {
+                members.iter().map(|(id, _)| (id.to_string(), 0)).collect()
+            } else {
+                postgres::sink::load_all(&name, &url, loads, &marks).await?
+            };
+            let seconds = started.elapsed().as_secs_f64() / members.len().max(1) as f64;
+            for ((id, p), (_, rows)) in members.iter().zip(written) {
+                self.sink_report(id, p.input.value(), rows, seconds);
+            }
+        }
+        for (id, sink) in sinks {
+            if matches!(sink, Sink::Postgres(_)) {
+                continue;
+            }
+            let started = Instant::now();
+            let input = sink.input().value();
+            let stream = self.output(id, input).await?;
+            let rows = if self.opts.dry_run {
+                0
+            } else {
+                connectors::write_local(&self.plan.spec, id, sink, stream).await?
+            };
+            self.sink_report(id, input, rows, started.elapsed().as_secs_f64());
+        }
         Ok(())
+    }
+
+    fn watermark_rows(&self) -> Vec<postgres::sink::Watermark> {
+        let Some(state) = &self.plan.spec.pipeline.state else { return vec![] };
+        self.watermarks
+            .iter()
+            .map(|(node, value)| postgres::sink::Watermark {
+                table: state.table.clone(),
+                pipeline: self.plan.spec.pipeline.name.clone(),
+                node: node.clone(),
+                value: value.clone(),
+            })
+            .collect()
+    }
+
+    fn sink_report(&mut self, id: &str, input: &str, rows: u64, seconds: f64) {
+        let rows_in = self.report.nodes.iter().find(|n| n.node == input).map(|n| n.rows_out);
+        let mut node = NodeReport::new(id, "sink", rows_in, rows);
+        node.seconds = seconds;
+        self.report.nodes.push(node);
     }
 }
 
@@ -387,6 +499,15 @@ fn select(plan: &Plan, names: &[String]) -> Result<HashSet<String>> {
 
 fn scalar_u64(batches: &[RecordBatch]) -> u64 {
     scalar_i64(batches).unwrap_or(0).max(0) as u64
+}
+
+fn scalar_string(batches: &[RecordBatch]) -> Option<String> {
+    use datafusion::arrow::array::{Array, StringArray};
+    let b = batches.iter().find(|b| b.num_rows() > 0)?;
+    let col =
+        datafusion::arrow::compute::cast(b.column(0), &datafusion::arrow::datatypes::DataType::Utf8).ok()?;
+    let a = col.as_any().downcast_ref::<StringArray>()?;
+    (!a.is_null(0)).then(|| a.value(0).to_string())
 }
 
 fn scalar_i64(batches: &[RecordBatch]) -> Option<i64> {

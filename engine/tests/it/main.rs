@@ -6,6 +6,7 @@ mod golden;
 mod postgres;
 mod repo;
 mod run;
+mod warehouse;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -21,11 +22,24 @@ pub fn repo_dir() -> PathBuf {
 
 /// Runs the `engine` binary in `dir` with a clean set of the demo's variables.
 pub fn engine(dir: &Path, args: &[&str]) -> Output {
+    engine_env(dir, args, &[])
+}
+
+/// Runs the `engine` binary with the demo's variables set to `env` only.
+pub fn engine_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_engine"));
     cmd.current_dir(dir).args(args);
-    for var in ["SOURCE_DATABASE_URL", "DWH_DATABASE_URL", "MONGODB_URL", "REDIS_URL", "ENGINE_LOG"] {
+    for var in [
+        "SOURCE_DATABASE_URL",
+        "DWH_DATABASE_URL",
+        "MONGODB_URL",
+        "MONGODB_DATABASE",
+        "REDIS_URL",
+        "ENGINE_LOG",
+    ] {
         cmd.env_remove(var);
     }
+    cmd.envs(env.iter().copied());
     cmd.output().expect("the engine binary runs")
 }
 

@@ -6,12 +6,12 @@ use std::process::Command;
 
 use super::{engine, text};
 
-fn server() -> String {
+pub fn server() -> String {
     std::env::var("ENGINE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
 }
 
 /// Runs SQL with psql against database `db`, panicking with its output on failure.
-fn psql(db: &str, sql: &str) -> String {
+pub fn psql(db: &str, sql: &str) -> String {
     let out = Command::new("psql")
         .args([&format!("{}/{db}", server()), "-v", "ON_ERROR_STOP=1", "-qtA", "-c", sql])
         .output()
@@ -21,7 +21,7 @@ fn psql(db: &str, sql: &str) -> String {
 }
 
 /// A fresh database for one test.
-fn database(name: &str) -> String {
+pub fn database(name: &str) -> String {
     let db = format!("engine_it_{name}");
     psql("postgres", &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
     psql("postgres", &format!("CREATE DATABASE {db}"));

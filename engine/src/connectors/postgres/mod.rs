@@ -2,6 +2,7 @@
 //! the source ([`source`], binary COPY decoded by [`decode`]).
 
 pub mod decode;
+pub mod sink;
 pub mod source;
 
 use std::path::Path;

@@ -1,0 +1,357 @@
+//! The postgres sink: Arrow batches bulk-loaded with binary COPY (encoded by
+//! `pgpq`). All sinks of one connection load in one transaction, together
+//! with the run's watermarks on that connection, so a failed or killed run
+//! leaves the tables as they were.
+//!
+//! - `append`: COPY into the table.
+//! - `replace`: TRUNCATE (all replace tables of the connection at once, so
+//!   foreign keys between them are no obstacle), then COPY.
+//! - `upsert`: into an empty table, COPY; otherwise COPY into a temporary
+//!   staging table, then INSERT .. ON CONFLICT (key) DO UPDATE, touching only
+//!   rows whose values changed, so a rerun rewrites nothing.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::execution::SendableRecordBatchStream;
+use futures::StreamExt;
+use sqlx::{Acquire, PgConnection, Row};
+
+use super::decode::{arrow_type, PgColumn};
+use super::{connect, external, quote_table};
+use crate::error::{Error, Result};
+use crate::spec::model::{PostgresSink, WriteMode};
+
+/// One sink's work in a connection's transaction.
+pub struct Load<'a> {
+    pub id: &'a str,
+    pub sink: &'a PostgresSink,
+    pub input: SendableRecordBatchStream,
+}
+
+/// A watermark to store with the loads.
+pub struct Watermark {
+    pub table: String,
+    pub pipeline: String,
+    pub node: String,
+    pub value: String,
+}
+
+fn q(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Loads every sink of one connection, and stores `watermarks`, in one transaction.
+pub async fn load_all(
+    name: &str,
+    url: &str,
+    loads: Vec<Load<'_>>,
+    watermarks: &[Watermark],
+) -> Result<Vec<(String, u64)>> {
+    let mut conn = connect(name, url).await?;
+    let ext = |e: sqlx::Error| external(name, url, e);
+    let mut tx = conn.begin().await.map_err(ext)?;
+    let replace: Vec<String> = loads
+        .iter()
+        .filter(|l| l.sink.mode == WriteMode::Replace)
+        .map(|l| quote_table(&l.sink.table))
+        .collect();
+    let mut done = Vec::new();
+    let mut prepared = Vec::new();
+    for load in loads {
+        let target = prepare(&mut tx, load.id, load.sink, &load.input.schema()).await?;
+        prepared.push((load, target));
+    }
+    if !replace.is_empty() {
+        let sql = format!("TRUNCATE {}", replace.join(", "));
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.map_err(ext)?;
+    }
+    for (load, target) in prepared {
+        let rows = write(&mut tx, load, &target).await.map_err(|e| match e {
+            Error::External { message, .. } => external(name, url, message),
+            other => other,
+        })?;
+        done.push(rows);
+    }
+    for w in watermarks {
+        let sql = format!(
+            "INSERT INTO {} (pipeline, node, watermark, updated_at) VALUES ($1, $2, $3, now()) \
+             ON CONFLICT (pipeline, node) DO UPDATE SET watermark = EXCLUDED.watermark, updated_at = now()",
+            quote_table(&w.table)
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&w.pipeline)
+            .bind(&w.node)
+            .bind(&w.value)
+            .execute(&mut *tx)
+            .await
+            .map_err(ext)?;
+    }
+    tx.commit().await.map_err(ext)?;
+    Ok(done)
+}
+
+/// The target's columns in input order, as Arrow types the encoder writes.
+struct Target {
+    columns: Vec<String>,
+    schema: SchemaRef,
+}
+
+/// Creates the table if asked, and checks the input against it before any row moves.
+async fn prepare(
+    conn: &mut PgConnection,
+    id: &str,
+    sink: &PostgresSink,
+    input: &SchemaRef,
+) -> Result<Target> {
+    let what = format!("sink '{id}'");
+    let sqlerr = |e: sqlx::Error| Error::External { system: what.clone(), message: e.to_string() };
+    let mut cols = columns(conn, &sink.table).await.map_err(sqlerr)?;
+    if cols.is_empty() {
+        if !sink.create {
+            return Err(Error::Usage(format!(
+                "{what}: table '{}' does not exist; create it in a migration or set 'create: true'",
+                sink.table
+            )));
+        }
+        sqlx::query(sqlx::AssertSqlSafe(
+            create_sql(&sink.table, input).map_err(|e| Error::Usage(format!("{what}: {e}")))?,
+        ))
+        .execute(&mut *conn)
+        .await
+        .map_err(sqlerr)?;
+        cols = columns(conn, &sink.table).await.map_err(sqlerr)?;
+    }
+    let mut fields = Vec::new();
+    let mut names = Vec::new();
+    let mut problems = Vec::new();
+    for f in input.fields() {
+        let Some((col, _)) = cols.iter().find(|(c, _)| c.name == *f.name()) else {
+            problems.push(format!("input column '{}' is not in table '{}'", f.name(), sink.table));
+            continue;
+        };
+        match target_type(col) {
+            Ok(t) if datafusion::arrow::compute::can_cast_types(f.data_type(), &t) => {
+                fields.push(Field::new(f.name(), t, true));
+                names.push(f.name().clone());
+            }
+            Ok(_) => problems.push(format!(
+                "column '{}' is {} in the input but {} in the table",
+                f.name(),
+                f.data_type(),
+                col.type_name
+            )),
+            Err(e) => problems.push(e),
+        }
+    }
+    for (c, not_null_no_default) in &cols {
+        if *not_null_no_default && !input.fields().iter().any(|f| f.name() == &c.name) {
+            problems.push(format!(
+                "table column '{}' is NOT NULL without a default, and the input lacks it",
+                c.name
+            ));
+        }
+    }
+    if let (WriteMode::Upsert, Some(key)) = (sink.mode, &sink.key) {
+        for k in key {
+            if !names.contains(k) {
+                problems.push(format!("key column '{k}' is not in the input"));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::Usage(format!(
+            "{what}: the input does not fit table '{}': {}",
+            sink.table,
+            problems.join("; ")
+        )));
+    }
+    Ok(Target { columns: names, schema: Arc::new(Schema::new(fields)) })
+}
+
+fn target_type(c: &PgColumn) -> Result<DataType, String> {
+    if matches!(c.oid, 114 | 3802) {
+        return Err(format!(
+            "column '{}' is {}, which the postgres sink does not load yet",
+            c.name, c.type_name
+        ));
+    }
+    arrow_type(c)
+}
+
+/// The table's columns, each with whether it is NOT NULL without a default.
+async fn columns(
+    conn: &mut PgConnection,
+    table: &str,
+) -> std::result::Result<Vec<(PgColumn, bool)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT a.attname::text, a.atttypid::int8, a.atttypmod, format_type(a.atttypid, a.atttypmod), \
+                a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' \
+         FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+         ORDER BY a.attnum",
+    )
+    .bind(quote_table(table))
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let c = PgColumn {
+                name: r.get(0),
+                oid: r.get::<i64, _>(1) as u32,
+                typmod: r.get(2),
+                type_name: r.get(3),
+            };
+            (c, r.get::<bool, _>(4))
+        })
+        .collect())
+}
+
+/// CREATE TABLE for an Arrow schema (`create: true`).
+pub fn create_sql(table: &str, schema: &SchemaRef) -> std::result::Result<String, String> {
+    let cols: std::result::Result<Vec<String>, String> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let t = match f.data_type() {
+                DataType::Boolean => "boolean".to_string(),
+                DataType::Int8 | DataType::Int16 | DataType::UInt8 => "smallint".into(),
+                DataType::Int32 | DataType::UInt16 => "integer".into(),
+                DataType::Int64 | DataType::UInt32 => "bigint".into(),
+                DataType::Float32 => "real".into(),
+                DataType::Float64 => "double precision".into(),
+                DataType::Decimal128(p, s) => format!("numeric({p},{s})"),
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "text".into(),
+                DataType::Date32 => "date".into(),
+                DataType::Timestamp(_, Some(_)) => "timestamptz".into(),
+                DataType::Timestamp(_, None) => "timestamp".into(),
+                other => return Err(format!("column '{}' of type {other} has no PostgreSQL type", f.name())),
+            };
+            Ok(format!("{} {t}", q(f.name())))
+        })
+        .collect();
+    Ok(format!("CREATE TABLE IF NOT EXISTS {} ({})", quote_table(table), cols?.join(", ")))
+}
+
+async fn write(conn: &mut PgConnection, mut load: Load<'_>, target: &Target) -> Result<(String, u64)> {
+    let sink = load.sink;
+    let table = quote_table(&sink.table);
+    let cols = target.columns.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+    let ext =
+        |e: sqlx::Error| Error::External { system: format!("sink '{}'", load.id), message: e.to_string() };
+    let direct = match sink.mode {
+        WriteMode::Append | WriteMode::Replace => true,
+        WriteMode::Upsert => {
+            let sql = format!("SELECT NOT EXISTS (SELECT 1 FROM {table})");
+            sqlx::query_scalar::<_, bool>(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(ext)?
+        }
+    };
+    let into = if direct {
+        table.clone()
+    } else {
+        let sql = format!("CREATE TEMP TABLE engine_stage (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DROP");
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(ext)?;
+        "engine_stage".to_string()
+    };
+    let rows = copy_in(conn, &into, &cols, &mut load.input, target, load.id).await?;
+    if !direct {
+        let key = sink.key.clone().unwrap_or_default();
+        let set: Vec<String> = target
+            .columns
+            .iter()
+            .filter(|c| !key.contains(c))
+            .map(|c| format!("{} = EXCLUDED.{}", q(c), q(c)))
+            .collect();
+        let keys = key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
+        let action = if set.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            let old = target
+                .columns
+                .iter()
+                .filter(|c| !key.contains(c))
+                .map(|c| format!("{table}.{}", q(c)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let new = target
+                .columns
+                .iter()
+                .filter(|c| !key.contains(c))
+                .map(|c| format!("EXCLUDED.{}", q(c)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("DO UPDATE SET {} WHERE ({old}) IS DISTINCT FROM ({new})", set.join(", "))
+        };
+        let sql = format!(
+            "INSERT INTO {table} ({cols}) SELECT {cols} FROM engine_stage ON CONFLICT ({keys}) {action}"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(ext)?;
+        sqlx::query("DROP TABLE engine_stage").execute(&mut *conn).await.map_err(ext)?;
+    }
+    Ok((load.id.to_string(), rows))
+}
+
+/// Streams the input through binary COPY; returns the rows sent.
+async fn copy_in(
+    conn: &mut PgConnection,
+    table: &str,
+    cols: &str,
+    input: &mut SendableRecordBatchStream,
+    target: &Target,
+    id: &str,
+) -> Result<u64> {
+    let what = format!("sink '{id}'");
+    let ext = |e: String| Error::External { system: what.clone(), message: e };
+    let mut encoder =
+        pgpq::ArrowToPostgresBinaryEncoder::try_new(&target.schema).map_err(|e| ext(e.to_string()))?;
+    let mut copy = conn
+        .copy_in_raw(&format!("COPY {table} ({cols}) FROM STDIN (FORMAT binary)"))
+        .await
+        .map_err(|e| ext(e.to_string()))?;
+    let mut buf = BytesMut::with_capacity(1 << 20);
+    encoder.write_header(&mut buf).map_err(|e| ext(e.to_string()))?;
+    let mut rows = 0u64;
+    while let Some(batch) = input.next().await {
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = copy.abort("input failed").await;
+                return Err(ext(crate::transform::sql::short(e)));
+            }
+        };
+        let batch = conform(&batch, target).map_err(ext)?;
+        rows += batch.num_rows() as u64;
+        encoder.write_batch(&batch, &mut buf).map_err(|e| ext(e.to_string()))?;
+        if buf.len() >= 1 << 20 {
+            copy.send(buf.split().freeze()).await.map_err(|e| ext(e.to_string()))?;
+        }
+    }
+    encoder.write_footer(&mut buf).map_err(|e| ext(e.to_string()))?;
+    copy.send(buf.freeze()).await.map_err(|e| ext(e.to_string()))?;
+    copy.finish().await.map_err(|e| ext(e.to_string()))?;
+    Ok(rows)
+}
+
+/// The batch's columns cast to the table's types, in the target's order.
+fn conform(batch: &RecordBatch, target: &Target) -> std::result::Result<RecordBatch, String> {
+    let schema = batch.schema();
+    let mut arrays = Vec::with_capacity(target.columns.len());
+    for f in target.schema.fields() {
+        let i = schema.index_of(f.name()).map_err(|e| e.to_string())?;
+        let col = batch.column(i);
+        let cast_col = if col.data_type() == f.data_type() {
+            col.clone()
+        } else {
+            let opts = datafusion::arrow::compute::CastOptions { safe: false, ..Default::default() };
+            datafusion::arrow::compute::cast_with_options(col, f.data_type(), &opts)
+                .map_err(|e| format!("column '{}': {e}", f.name()))?
+        };
+        arrays.push(cast_col);
+    }
+    RecordBatch::try_new(target.schema.clone(), arrays).map_err(|e| e.to_string())
+}
