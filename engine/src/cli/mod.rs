@@ -6,6 +6,7 @@ mod graph;
 mod rules;
 mod run;
 mod schema;
+mod test;
 mod validate;
 
 use std::path::Path;
@@ -34,6 +35,8 @@ enum Command {
     Graph(graph::Args),
     /// Run a batch pipeline once.
     Run(run::Args),
+    /// Run the tests of specs in memory (no connection, no sink).
+    Test(test::Args),
     /// Print the JSON Schema of the pipeline language (for editors).
     Schema(schema::Args),
     /// Work with rule files.
@@ -108,6 +111,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Graph(a) => graph::run(a).await,
         Command::Run(a) => run::run(a).await,
         Command::Schema(a) => schema::run(a),
+        Command::Test(a) => test::run(a).await,
         Command::Rules { command } => rules::run(command).await,
     }
 }

@@ -43,6 +43,7 @@ pub async fn run(args: Args) -> Result<i32> {
         dry_run: args.dry_run,
         full_refresh: args.full_refresh,
         progress: std::io::stderr().is_terminal(),
+        given: None,
     };
     let (report, outcome) = run::run(&plan, &opts).await;
     if !report.nodes.is_empty() || outcome.is_ok() {

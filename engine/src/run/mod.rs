@@ -10,6 +10,7 @@
 
 pub mod checks;
 pub mod report;
+pub mod spec_test;
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -44,6 +45,9 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// Ignore stored watermarks: incremental sources read everything.
     pub full_refresh: bool,
+    /// Rows that replace sources (`engine test`): no connection is opened and
+    /// no sink runs.
+    pub given: Option<std::collections::HashMap<String, RecordBatch>>,
     /// Show progress on the terminal.
     pub progress: bool,
 }
@@ -64,6 +68,32 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> (RunReport, Result<()>) {
         report.error = Some(plan.spec.secrets.scrub(&e.to_string()));
     }
     (report, outcome)
+}
+
+/// Runs the plan as `engine test` does (see [`RunOptions::given`]) and
+/// returns the outputs of `nodes` after their checks.
+pub(crate) async fn run_collect(
+    plan: &Plan,
+    opts: &RunOptions,
+    nodes: &[String],
+) -> (RunReport, Result<std::collections::HashMap<String, Vec<RecordBatch>>>) {
+    let mut ex = match Executor::new(plan, opts) {
+        Ok(ex) => ex,
+        Err(e) => return (RunReport::new(&plan.spec.pipeline.name), Err(e)),
+    };
+    let outcome = ex.run_nodes().await;
+    let mut outputs = std::collections::HashMap::new();
+    if outcome.is_ok() {
+        for n in nodes {
+            match ex.query(&format!("node '{n}'"), &format!("SELECT * FROM {}", checks::ident(n))).await {
+                Ok(b) => {
+                    outputs.insert(n.clone(), b);
+                }
+                Err(e) => return (ex.report, Err(e)),
+            }
+        }
+    }
+    (ex.report, outcome.map(|_| outputs))
 }
 
 /// A session with the engine's functions and a memory limit that makes large
@@ -116,7 +146,7 @@ impl<'a> Executor<'a> {
     }
 
     async fn run_nodes(&mut self) -> Result<()> {
-        if !self.opts.dry_run {
+        if !self.opts.dry_run && self.opts.given.is_none() {
             self.migrate().await?;
         }
         let pipeline = &self.plan.spec.pipeline;
@@ -129,6 +159,9 @@ impl<'a> Executor<'a> {
         }
         if self.report.checks.iter().any(|c| !c.passed && c.severity == Severity::Error) {
             self.report.status = Status::CheckFailed;
+            return Ok(());
+        }
+        if self.opts.given.is_some() {
             return Ok(());
         }
         self.write_sinks().await
@@ -151,7 +184,10 @@ impl<'a> Executor<'a> {
     async fn compute(&mut self, id: &str) -> Result<()> {
         let started = Instant::now();
         let pipeline = &self.plan.spec.pipeline;
-        let (role, stream) = if let Some(src) = pipeline.sources.get(id) {
+        let given = self.opts.given.as_ref().map(|g| g.get(id));
+        let (role, stream) = if let (Some(given), Some(src)) = (given, pipeline.sources.get(id)) {
+            ("source", self.given_stream(id, src, given).await?)
+        } else if let Some(src) = pipeline.sources.get(id) {
             let watermark = self.stored_watermark(id, src).await?;
             (
                 "source",
@@ -168,10 +204,18 @@ impl<'a> Executor<'a> {
                         .map_err(|e| df_error(&format!("transform '{id}'"), e))?;
                     df.execute_stream().await.map_err(|e| df_error(&format!("transform '{id}'"), e))?
                 }
-                Transform::Rules(_) => {
-                    return Err(Error::Usage(format!(
-                        "transform '{id}': rules transforms run with `engine stream`"
-                    )));
+                Transform::Rules(r) => {
+                    let what = format!("transform '{id}'");
+                    let input = r.input.value();
+                    let table = self.ctx.table(input.as_str()).await.map_err(|e| df_error(&what, e))?;
+                    let columns: Vec<String> =
+                        table.schema().fields().iter().map(|f| f.name().clone()).collect();
+                    let rules = self.plan.rules.get(id).map(Vec::as_slice).unwrap_or_default();
+                    let version = crate::transform::rules::version(rules);
+                    let sql =
+                        crate::transform::rules::batch_sql(input, r.key.value(), rules, &columns, &version)
+                            .map_err(|e| Error::Usage(format!("{what}: {e}")))?;
+                    self.stream(&what, &sql).await?
                 }
             };
             ("transform", stream)
@@ -260,7 +304,7 @@ impl<'a> Executor<'a> {
         self.ctx.register_arrow(id, &path.to_string_lossy(), opts).await.map_err(|e| df_error(&what, e))
     }
 
-    async fn query(&self, what: &str, sql: &str) -> Result<Vec<RecordBatch>> {
+    pub(crate) async fn query(&self, what: &str, sql: &str) -> Result<Vec<RecordBatch>> {
         let df = self.ctx.sql(sql).await.map_err(|e| df_error(what, e))?;
         df.collect().await.map_err(|e| df_error(what, e))
     }
@@ -364,6 +408,30 @@ impl<'a> Executor<'a> {
                 .map_err(|e| postgres::external(name, &url, e))?;
         }
         Ok(())
+    }
+
+    /// A test's rows for a source; no rows (with the source's schema, when
+    /// it is known) for a source the test does not name.
+    async fn given_stream(
+        &self,
+        id: &str,
+        src: &Source,
+        rows: Option<&RecordBatch>,
+    ) -> Result<SendableRecordBatchStream> {
+        let batch =
+            match rows {
+                Some(b) => b.clone(),
+                None => {
+                    let schema = self.plan.schemas.get(id).cloned().or_else(|| {
+                        src.declared_schema().and_then(|d| crate::plan::schema::from_declared(d).ok())
+                    });
+                    RecordBatch::new_empty(schema.unwrap_or_else(|| {
+                        std::sync::Arc::new(datafusion::arrow::datatypes::Schema::empty())
+                    }))
+                }
+            };
+        let df = self.ctx.read_batch(batch).map_err(|e| df_error(&format!("source '{id}'"), e))?;
+        df.execute_stream().await.map_err(|e| df_error(&format!("source '{id}'"), e))
     }
 
     /// The stored watermark of an incremental postgres source, unless `--full-refresh`.

@@ -49,3 +49,37 @@ fn tempdir() -> std::path::PathBuf {
     fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+#[test]
+fn spec_tests_of_pipelines_examples_and_golden_specs_pass() {
+    let mut args = vec!["test".to_string()];
+    args.extend(specs("pipelines"));
+    args.extend(specs("examples"));
+    args.push("engine/tests/golden/ok_stream_rules.yaml".into());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = engine(&repo_dir(), &argv);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.trim_end().ends_with("5 passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn a_wrong_expectation_fails_engine_test() {
+    let dir = tempdir().join("wrong");
+    fs::create_dir_all(&dir).expect("dir");
+    fs::write(
+        dir.join("t.yaml"),
+        "version: 1\nname: t\nsources:\n  nums: { type: generate, rows: 3, columns: { id: n } }\ntransforms:\n  big:\n    sql: SELECT id FROM nums WHERE id > 1\nsinks:\n  out: { input: big, type: stdout }\ntests:\n  - name: wrong on purpose\n    given:\n      nums: [ { id: 1 }, { id: 2 }, { id: 3 } ]\n    expect:\n      big: { rows: [ { id: 2 } ] }\n",
+    )
+    .expect("write");
+    let out = engine(&dir, &["test", "t.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(
+            "FAILED: t.yaml: wrong on purpose\n    'big': expected 1 rows, got 2: [{\"id\":2}, {\"id\":3}]"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("0 passed, 1 failed"), "{stdout}");
+}

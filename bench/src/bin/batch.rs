@@ -1,0 +1,133 @@
+//! The batch benchmark: `engine run pipelines/dwh.yaml` at N transactions,
+//! against the raw path for the same rows measured in the same run: `COPY
+//! (SELECT ...) TO` a file from transactional_db plus `COPY ... FROM` that
+//! file into an empty copy of fact_transactions.
+//!
+//! Usage: `cargo run --release -p bench --bin batch -- [TRANSACTIONS]`
+//! (default 1000000). It needs the services of `scripts/services` and a
+//! release build of the engine; it uses its own databases (bench_src,
+//! bench_dwh) and MongoDB database (bench), never the demo's.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+
+fn main() {
+    let n: u64 = std::env::args().nth(1).and_then(|a| a.replace('_', "").parse().ok()).unwrap_or(1_000_000);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let engine = target.join("release/engine");
+    if !engine.is_file() {
+        fail(&format!("{} is missing; run `cargo build --release` first", engine.display()));
+    }
+    for db in ["bench_src", "bench_dwh"] {
+        psql("postgres", &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+        psql("postgres", &format!("CREATE DATABASE {db}"));
+    }
+    let env = [
+        ("SOURCE_DATABASE_URL", format!("{SERVER}/bench_src")),
+        ("DWH_DATABASE_URL", format!("{SERVER}/bench_dwh")),
+        ("MONGODB_URL", std::env::var("MONGODB_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".into())),
+        ("MONGODB_DATABASE", "bench".into()),
+    ];
+    let customers = (n / 100).clamp(100, 10_000);
+    println!("seeding {n} transactions, {customers} customers, 2000 merchants ...");
+    let (secs, _) = run_engine(
+        &engine,
+        &root,
+        &env,
+        &[
+            "run",
+            "pipelines/seed.yaml",
+            "--var",
+            &format!("transactions={n}"),
+            "--var",
+            &format!("customers={customers}"),
+        ],
+    );
+    println!("  seeded in {secs:.1}s");
+
+    // The raw path: the fact rows out of the source and into an empty copy.
+    let file = std::env::temp_dir().join(format!("bench-fact-{}.copy", std::process::id()));
+    let file_s = file.to_string_lossy().to_string();
+    // The warehouse tables come from the engine's migrations: apply them by a dry run.
+    run_engine(&engine, &root, &env, &["run", "pipelines/dwh.yaml", "--dry-run", "--select", "dim_date"]);
+    psql("bench_dwh", "CREATE TABLE fact_copy (LIKE fact_transactions INCLUDING ALL)");
+    let started = Instant::now();
+    psql(
+        "bench_src",
+        &format!(
+            "COPY (SELECT transaction_id, customer_id AS customer_key, 0 AS merchant_key, \
+             to_char(created_at, 'YYYYMMDD')::int AS date_key, amount, currency, status, created_at \
+             FROM transactions) TO '{file_s}'"
+        ),
+    );
+    let out_secs = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    psql("bench_dwh", &format!("COPY fact_copy FROM '{file_s}'"));
+    let in_secs = started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&file);
+    let raw = out_secs + in_secs;
+
+    // The engine: the whole warehouse pipeline into the empty warehouse.
+    let (engine_secs, rss_kib) = run_engine(&engine, &root, &env, &["run", "pipelines/dwh.yaml"]);
+    let facts: u64 = psql("bench_dwh", "SELECT count(*) FROM fact_transactions").trim().parse().unwrap_or(0);
+    if facts != n {
+        fail(&format!("the warehouse holds {facts} facts, expected {n}"));
+    }
+    println!();
+    println!("transactions                 {n}");
+    println!("raw COPY out + COPY in       {raw:.2} s  ({out_secs:.2} + {in_secs:.2})");
+    println!("engine run pipelines/dwh     {engine_secs:.2} s");
+    println!("engine rows/s                {:.0}", n as f64 / engine_secs);
+    println!("ratio engine / raw           {:.2}  (target <= 1.5)", engine_secs / raw);
+    println!("engine peak RSS              {:.0} MiB  (target < 1024)", rss_kib as f64 / 1024.0);
+}
+
+/// Runs the engine; returns its wall time and peak RSS (KiB).
+fn run_engine(engine: &PathBuf, root: &PathBuf, env: &[(&str, String)], args: &[&str]) -> (f64, i64) {
+    let started = Instant::now();
+    let mut cmd = Command::new(engine);
+    cmd.current_dir(root).args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap_or_else(|e| fail(&format!("cannot start the engine: {e}")));
+    let out = child.wait_with_output().unwrap_or_else(|e| fail(&format!("engine: {e}")));
+    let secs = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        fail(&format!("engine {} failed:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr)));
+    }
+    (secs, peak_rss_of_children())
+}
+
+/// The largest peak RSS among finished children, in KiB (Linux reports KiB).
+fn peak_rss_of_children() -> i64 {
+    // SAFETY: getrusage only writes the struct it is given. std offers no
+    // way to read a child's peak memory, hence the one unsafe call.
+    #[allow(unsafe_code)]
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
+        u
+    };
+    usage.ru_maxrss
+}
+
+fn psql(db: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([&format!("{SERVER}/{db}"), "-v", "ON_ERROR_STOP=1", "-qtA", "-c", sql])
+        .output()
+        .unwrap_or_else(|e| fail(&format!("psql: {e}")));
+    if !out.status.success() {
+        fail(&format!("psql {sql}: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("bench: {msg}");
+    std::process::exit(1)
+}
