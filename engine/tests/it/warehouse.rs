@@ -134,3 +134,117 @@ fn seed_then_load_matches_the_sources_and_reruns_change_nothing() {
     let (dwh_cats, _) = warehouse_totals(&env);
     assert_eq!(dwh_cats, src_cats);
 }
+
+#[test]
+fn a_run_killed_mid_load_leaves_the_warehouse_as_it_was() {
+    let env = Env::new("kill");
+    let (code, err) = env.run(&[
+        "run",
+        "pipelines/seed.yaml",
+        "--var",
+        "customers=500",
+        "--var",
+        "merchants=200",
+        "--var",
+        "transactions=300000",
+    ]);
+    assert_eq!(code, 0, "seed: {err}");
+    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
+    assert_eq!(code, 0, "first load: {err}");
+    let before = psql(&env.dwh, "SELECT count(*), sum(amount) FROM fact_transactions");
+    let marks = psql(&env.dwh, "SELECT node, watermark FROM etl_state ORDER BY node");
+
+    // Every source row changes, so the next run has all of them to load.
+    psql(&env.src, "UPDATE transactions SET amount = amount + 1, updated_at = now()");
+    let src = format!("{}/{}", server(), env.src);
+    let dwh = format!("{}/{}", server(), env.dwh);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_engine"))
+        .current_dir(repo_dir())
+        .args(["run", "pipelines/dwh.yaml"])
+        .env("SOURCE_DATABASE_URL", &src)
+        .env("DWH_DATABASE_URL", &dwh)
+        .env("MONGODB_URL", mongo_url())
+        .env("MONGODB_DATABASE", &env.mongo_db)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("engine starts");
+    let watch = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND (query LIKE 'COPY %' OR query LIKE 'INSERT INTO %') AND pid <> pg_backend_pid()",
+        env.dwh
+    );
+    let started = std::time::Instant::now();
+    let mut seen = false;
+    while started.elapsed() < std::time::Duration::from_secs(120) {
+        if psql("postgres", &watch).trim() != "0" {
+            seen = true;
+            break;
+        }
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(seen, "never saw the load start");
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+
+    assert_eq!(
+        psql(&env.dwh, "SELECT count(*), sum(amount) FROM fact_transactions"),
+        before,
+        "the killed run changed facts"
+    );
+    assert_eq!(
+        psql(&env.dwh, "SELECT node, watermark FROM etl_state ORDER BY node"),
+        marks,
+        "the killed run moved watermarks"
+    );
+
+    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
+    assert_eq!(code, 0, "run after the kill: {err}");
+    let (src_cats, src_names) = source_totals(&env);
+    let (dwh_cats, dwh_names) = warehouse_totals(&env);
+    assert_eq!(dwh_cats, src_cats);
+    assert_eq!(dwh_names, src_names);
+}
+
+#[test]
+fn quarantined_rows_land_in_the_quarantine_table_with_their_reason() {
+    let env = Env::new("quarantine");
+    let (code, err) = env.run(&[
+        "run",
+        "pipelines/seed.yaml",
+        "--var",
+        "customers=50",
+        "--var",
+        "merchants=20",
+        "--var",
+        "transactions=1000",
+    ]);
+    assert_eq!(code, 0, "seed: {err}");
+    // Three transactions from the future fail `not_in_future` (quarantine, at most 0.1% = 1 row).
+    psql(
+        &env.src,
+        "UPDATE transactions SET created_at = now() + interval '10 days' WHERE transaction_id IN (1, 2, 3)",
+    );
+    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
+    assert_eq!(code, 1, "3 rows are past max_failures, so the check fails: {err}");
+    assert!(err.contains("a check failed; nothing was written"), "{err}");
+    assert_eq!(psql(&env.dwh, "SELECT count(*) FROM fact_transactions").trim(), "0");
+    let rejects = psql(
+        &env.dwh,
+        "SELECT node, check_name, reason, (row_data->>'transaction_id') FROM etl_rejects ORDER BY 4",
+    );
+    assert_eq!(
+        rejects,
+        "transactions|not_in_future|not_in_future is not true|1\ntransactions|not_in_future|not_in_future is not true|2\ntransactions|not_in_future|not_in_future is not true|3\n"
+    );
+    // One bad row is within max_failures: it is quarantined and the rest loads.
+    psql(
+        &env.src,
+        "UPDATE transactions SET created_at = now() - interval '1 day' WHERE transaction_id IN (2, 3)",
+    );
+    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(psql(&env.dwh, "SELECT count(*) FROM fact_transactions").trim(), "999");
+    assert_eq!(psql(&env.dwh, "SELECT count(*) FROM fact_transactions WHERE transaction_id = 1").trim(), "0");
+}
