@@ -276,12 +276,28 @@ impl<'a> Executor<'a> {
     }
 
     /// Streams batches into an Arrow IPC file of the run folder.
+    /// A spinner with a row count for a node, when progress is shown.
+    fn progress(&self, id: &str) -> Option<indicatif::ProgressBar> {
+        if !self.opts.progress {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        let style =
+            indicatif::ProgressStyle::with_template("{spinner} {prefix}: {human_pos} rows ({elapsed})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+        bar.set_style(style);
+        bar.set_prefix(id.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        Some(bar)
+    }
+
     async fn materialize(
         &self,
         id: &str,
         tag: &str,
         mut stream: SendableRecordBatchStream,
     ) -> Result<(PathBuf, u64)> {
+        let bar = self.progress(id);
         let path = self.dir.path().join(format!("{id}.{tag}.arrow"));
         let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
         let schema: SchemaRef = stream.schema();
@@ -292,8 +308,14 @@ impl<'a> Executor<'a> {
             let batch: RecordBatch = batch.map_err(|e| df_error(&what, e))?;
             rows += batch.num_rows() as u64;
             writer.write(&batch).map_err(|e| df_error(&what, e))?;
+            if let Some(b) = &bar {
+                b.set_position(rows);
+            }
         }
         writer.finish().map_err(|e| df_error(&what, e))?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
         Ok((path, rows))
     }
 
@@ -497,11 +519,15 @@ impl<'a> Executor<'a> {
             }
             let marks =
                 if state_conn.as_deref() == Some(name.as_str()) { self.watermark_rows() } else { vec![] };
+            let bar = self.progress(&format!("loading {} sinks into '{name}'", members.len()));
             let written = if self.opts.dry_run {
                 members.iter().map(|(id, _)| (id.to_string(), 0)).collect()
             } else {
                 postgres::sink::load_all(&name, &url, loads, &marks).await?
             };
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
             let seconds = started.elapsed().as_secs_f64() / members.len().max(1) as f64;
             for ((id, p), (_, rows)) in members.iter().zip(written) {
                 self.sink_report(id, p.input.value(), rows, seconds);
