@@ -12,6 +12,10 @@ pub struct Args {
     /// Pipeline files.
     #[arg(required = true, value_name = "SPEC")]
     specs: Vec<PathBuf>,
+    /// Also connect: every connection reachable, postgres sources readable,
+    /// sink tables present and able to take their input.
+    #[arg(long)]
+    connect: bool,
     #[command(flatten)]
     spec: SpecArgs,
 }
@@ -22,7 +26,19 @@ pub async fn run(args: Args) -> Result<i32> {
     let mut failed = 0;
     for path in &args.specs {
         match super::compile(path, &opts).await {
-            Ok(plan) => println!("ok: {} ({})", path.display(), summary(&plan)),
+            Ok(plan) => {
+                let problems =
+                    if args.connect { crate::connectors::check::check(&plan).await } else { vec![] };
+                if problems.is_empty() {
+                    let connected = if args.connect { ", connections ok" } else { "" };
+                    println!("ok: {} ({}{connected})", path.display(), summary(&plan));
+                } else {
+                    failed += 1;
+                    for p in problems {
+                        eprintln!("{}: {p}", path.display());
+                    }
+                }
+            }
             Err(Error::Invalid(d)) => {
                 failed += 1;
                 all.extend(d);

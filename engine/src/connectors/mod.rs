@@ -3,6 +3,7 @@
 //! means one module here, one variant in `spec::model`, and the match arms the
 //! compiler then asks for.
 
+pub mod check;
 pub mod file;
 pub mod generate;
 pub mod mongodb;

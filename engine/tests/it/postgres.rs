@@ -61,3 +61,36 @@ fn postgres_source_reads_every_supported_type() {
     assert_eq!(lines[3], "3,-1,-2,-3.5,0.0,12345678.91,GBP,Zoë 'q',,1999-12-31,1970-01-01T00:00:00Z,,[],");
     assert_eq!(lines.len(), 4);
 }
+
+#[test]
+fn validate_connect_checks_connections_and_sink_tables() {
+    let db = database("connect");
+    psql(&db, "CREATE TABLE t (id int8 PRIMARY KEY, name text NOT NULL)");
+    let dir = std::env::temp_dir().join(format!("engine-pg-connect-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    let spec = |url: &str| {
+        format!(
+            "version: 1\nname: c\nconnections:\n  db: {{ type: postgres, url: \"{url}\" }}\nsources:\n  nums: {{ type: generate, rows: 3, columns: {{ id: n, extra: \"'x'\" }} }}\nsinks:\n  out: {{ input: nums, connection: db, table: t, mode: upsert, key: [id] }}\n"
+        )
+    };
+    fs::write(dir.join("c.yaml"), spec(&format!("{}/{db}", server()))).expect("spec");
+    let out = engine(&dir, &["validate", "--connect", "c.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr).trim(),
+        "c.yaml: sink 'out': the input does not fit table 't': input column 'extra' is not in table 't'; table column 'name' is NOT NULL without a default, and the input lacks it"
+    );
+    // Without --connect the spec is valid: nothing is asked of the database.
+    assert_eq!(engine(&dir, &["validate", "c.yaml"]).status.code(), Some(0));
+
+    fs::write(dir.join("c.yaml"), spec("postgres://app:s3cret-pw@127.0.0.1:1/nowhere")).expect("spec");
+    let out = engine(&dir, &["validate", "--connect", "c.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with("c.yaml: postgres connection 'db' (postgres://app:***@127.0.0.1:1/nowhere): "),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
+}

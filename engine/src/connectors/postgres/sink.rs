@@ -93,6 +93,32 @@ pub async fn load_all(
     Ok(done)
 }
 
+/// Checks, in a transaction that is rolled back, that the sink's table exists
+/// (or would be created) and can take `input` when its schema is known.
+pub async fn check_table(
+    name: &str,
+    url: &str,
+    id: &str,
+    sink: &PostgresSink,
+    input: Option<SchemaRef>,
+) -> Result<()> {
+    let mut conn = connect(name, url).await?;
+    let mut tx = conn.begin().await.map_err(|e| external(name, url, e))?;
+    match input {
+        Some(schema) => prepare(&mut tx, id, sink, &schema).await.map(|_| ()),
+        None => {
+            let cols = columns(&mut tx, &sink.table).await.map_err(|e| external(name, url, e))?;
+            if cols.is_empty() && !sink.create {
+                return Err(Error::Usage(format!(
+                    "sink '{id}': table '{}' does not exist; create it in a migration or set 'create: true'",
+                    sink.table
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
 /// The target's columns in input order, as Arrow types the encoder writes.
 struct Target {
     columns: Vec<String>,

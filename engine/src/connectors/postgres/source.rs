@@ -51,6 +51,15 @@ pub async fn describe(
         .collect())
 }
 
+/// Connects and describes what `src` reads: the table or query must exist
+/// and have only column types the engine reads.
+pub async fn describe_source(name: &str, url: &str, src: &PostgresSource) -> Result<Vec<PgColumn>> {
+    let mut conn = connect(name, url).await?;
+    let columns = describe(&mut conn, &base_query(src)).await.map_err(|e| external(name, url, e))?;
+    super::decode::schema(&columns).map_err(Error::Usage)?;
+    Ok(columns)
+}
+
 /// Streams the rows of `src` (above `watermark` when incremental) as batches.
 pub async fn open(
     name: &str,
