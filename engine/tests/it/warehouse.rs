@@ -248,3 +248,45 @@ fn quarantined_rows_land_in_the_quarantine_table_with_their_reason() {
     assert_eq!(psql(&env.dwh, "SELECT count(*) FROM fact_transactions").trim(), "999");
     assert_eq!(psql(&env.dwh, "SELECT count(*) FROM fact_transactions WHERE transaction_id = 1").trim(), "0");
 }
+
+#[test]
+fn the_mongo_to_postgres_example_runs() {
+    let env = Env::new("example");
+    let (code, err) = env.run(&[
+        "run",
+        "pipelines/seed.yaml",
+        "--var",
+        "customers=10",
+        "--var",
+        "merchants=300",
+        "--var",
+        "transactions=10",
+    ]);
+    assert_eq!(code, 0, "seed: {err}");
+    let (code, err) = env.run(&["run", "examples/mongo_to_postgres.yaml"]);
+    assert_eq!(code, 0, "example: {err}");
+    let (code, err) = env.run(&["run", "examples/mongo_to_postgres.yaml"]);
+    assert_eq!(code, 0, "rerun: {err}");
+    let total = psql(
+        &env.dwh,
+        "SELECT sum(merchants), count(*) FILTER (WHERE category <> 'grocery') FROM merchants_per_city",
+    );
+    let expected = {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async {
+            let client = mongodb::Client::with_uri_str(mongo_url()).await.expect("mongo");
+            let coll = client.database(&env.mongo_db).collection::<mongodb::bson::Document>("merchants");
+            let docs: Vec<mongodb::bson::Document> = {
+                use futures::TryStreamExt;
+                coll.find(mongodb::bson::Document::new())
+                    .await
+                    .expect("find")
+                    .try_collect()
+                    .await
+                    .expect("docs")
+            };
+            docs.iter().filter(|d| d.get_str("category").ok() == Some("grocery")).count()
+        })
+    };
+    assert_eq!(total.trim(), format!("{expected}|0"));
+}
