@@ -17,8 +17,11 @@ const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 fn main() {
     let n: u64 = std::env::args().nth(1).and_then(|a| a.replace('_', "").parse().ok()).unwrap_or(1_000_000);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
-    let engine = target.join("release/engine");
+    // The engine built beside this program (same target folder and profile).
+    let engine = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("engine")))
+        .unwrap_or_else(|| root.join("target/release/engine"));
     if !engine.is_file() {
         fail(&format!("{} is missing; run `cargo build --release` first", engine.display()));
     }
@@ -52,9 +55,13 @@ fn main() {
     // The raw path: the fact rows out of the source and into an empty copy.
     let file = std::env::temp_dir().join(format!("bench-fact-{}.copy", std::process::id()));
     let file_s = file.to_string_lossy().to_string();
-    // The warehouse tables come from the engine's migrations: apply them by a dry run.
-    run_engine(&engine, &root, &env, &["run", "pipelines/dwh.yaml", "--dry-run", "--select", "dim_date"]);
-    psql("bench_dwh", "CREATE TABLE fact_copy (LIKE fact_transactions INCLUDING ALL)");
+    // The empty copy of fact_transactions, from the warehouse's own migration.
+    let star = std::fs::read_to_string(root.join("migrations/dwh/001_star_schema.sql"))
+        .unwrap_or_else(|e| fail(&format!("migrations/dwh/001_star_schema.sql: {e}")));
+    psql("postgres", "DROP DATABASE IF EXISTS bench_raw WITH (FORCE)");
+    psql("postgres", "CREATE DATABASE bench_raw");
+    psql("bench_raw", &star);
+    psql("bench_raw", "CREATE TABLE fact_copy (LIKE fact_transactions INCLUDING ALL)");
     let started = Instant::now();
     psql(
         "bench_src",
@@ -66,7 +73,7 @@ fn main() {
     );
     let out_secs = started.elapsed().as_secs_f64();
     let started = Instant::now();
-    psql("bench_dwh", &format!("COPY fact_copy FROM '{file_s}'"));
+    psql("bench_raw", &format!("COPY fact_copy FROM '{file_s}'"));
     let in_secs = started.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&file);
     let raw = out_secs + in_secs;

@@ -467,6 +467,15 @@ impl<'a> Executor<'a> {
         let url =
             self.plan.spec.pipeline.connections.get(name).map(|c| c.url().to_string()).unwrap_or_default();
         let mut conn = postgres::connect(name, &url).await?;
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(postgres::quote_table(&state.table))
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| postgres::external(name, &url, e))?;
+        if !exists {
+            // Not migrated yet (a dry run before the first run): no watermarks.
+            return Ok(None);
+        }
         let sql = format!(
             "SELECT watermark FROM {} WHERE pipeline = $1 AND node = $2",
             postgres::quote_table(&state.table)

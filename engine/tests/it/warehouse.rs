@@ -112,6 +112,13 @@ fn seed_then_load_matches_the_sources_and_reruns_change_nothing() {
     assert_eq!(dwh_cats, src_cats);
     assert_eq!(dwh_names, src_names);
     assert!(dwh_cats.contains_key("unknown"), "the seed names some merchants MongoDB lacks: {dwh_cats:?}");
+    // The first load rebuilt foreign keys and indexes after its COPY: all are back.
+    let kept = psql(
+        &env.dwh,
+        "SELECT (SELECT count(*) FROM pg_constraint WHERE conrelid = 'fact_transactions'::regclass AND contype = 'f'), \
+                (SELECT count(*) FROM pg_indexes WHERE tablename = 'fact_transactions')",
+    );
+    assert_eq!(kept.trim(), "3|4");
 
     // A rerun reads the lookback window again and changes nothing.
     let before = psql(&env.dwh, "SELECT count(*), sum(amount) FROM fact_transactions");
