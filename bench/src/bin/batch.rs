@@ -101,26 +101,39 @@ fn run_engine(engine: &PathBuf, root: &PathBuf, env: &[(&str, String)], args: &[
     for (k, v) in env {
         cmd.env(k, v);
     }
+    // Reaped by wait4 below, which also reports the child's own peak memory.
+    #[allow(clippy::zombie_processes)]
     let child = cmd.spawn().unwrap_or_else(|e| fail(&format!("cannot start the engine: {e}")));
-    let out = child.wait_with_output().unwrap_or_else(|e| fail(&format!("engine: {e}")));
+    let (status, rss) = wait_with_rss(child.id() as i32);
     let secs = started.elapsed().as_secs_f64();
-    if !out.status.success() {
-        fail(&format!("engine {} failed:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr)));
+    if status != 0 {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        fail(&format!("engine {} failed:\n{err}", args.join(" ")));
     }
-    (secs, peak_rss_of_children())
+    (secs, rss)
 }
 
-/// The largest peak RSS among finished children, in KiB (Linux reports KiB).
-fn peak_rss_of_children() -> i64 {
-    // SAFETY: getrusage only writes the struct it is given. std offers no
-    // way to read a child's peak memory, hence the one unsafe call.
+/// Waits for one child; returns its exit status and its own peak RSS (KiB).
+fn wait_with_rss(pid: i32) -> (i32, i64) {
+    // SAFETY: wait4 writes only the status and rusage it is given, for a
+    // child of this process. std offers no way to read a child's peak
+    // memory, hence the one unsafe call.
     #[allow(unsafe_code)]
-    let usage = unsafe {
+    let (rc, status, usage) = unsafe {
+        let mut status: libc::c_int = 0;
         let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
-        u
+        let rc = libc::wait4(pid, &mut status, 0, &mut u);
+        (rc, status, u)
     };
-    usage.ru_maxrss
+    if rc < 0 {
+        fail("waiting for the engine failed");
+    }
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
+    (code, usage.ru_maxrss)
 }
 
 fn psql(db: &str, sql: &str) -> String {

@@ -14,6 +14,9 @@ use crate::spec::yaml::Data;
 pub enum CheckSql {
     /// Rows of `table` for which this predicate is true fail.
     Rows { predicate: String, reason: String },
+    /// Rows whose `key` repeats (NULL keys aside). Found by an aggregate,
+    /// which spills to disk, rather than a join against the whole table.
+    Unique { key: String, not_null: String, reason: String },
     /// One aggregate query returning a single value, compared in Rust.
     RowCount { min: Option<u64>, max: Option<u64> },
     /// The newest value of a column must be at most `max_age_secs` old.
@@ -36,8 +39,8 @@ pub fn literal(v: &Data) -> String {
     }
 }
 
-/// The SQL of `check` on node `table`.
-pub fn compile(check: &Check, table: &str) -> CheckSql {
+/// The SQL of `check` over its node (the table named after the node id).
+pub fn compile(check: &Check) -> CheckSql {
     let rows = |predicate: String, reason: String| CheckSql::Rows { predicate, reason };
     match check {
         Check::NotNull(c) => {
@@ -84,16 +87,13 @@ pub fn compile(check: &Check, table: &str) -> CheckSql {
         }
         Check::Unique(c) => {
             let cols = c.columns.names();
-            let key = key_expr(&cols);
             let not_null =
                 cols.iter().map(|c| format!("{} IS NOT NULL", ident(c))).collect::<Vec<_>>().join(" AND ");
-            rows(
-                format!(
-                    "{not_null} AND {key} IN (SELECT {key} FROM {t} WHERE {not_null} GROUP BY {key} HAVING count(*) > 1)",
-                    t = ident(table)
-                ),
-                format!("duplicate {}", cols.join(", ")),
-            )
+            CheckSql::Unique {
+                key: key_expr(&cols),
+                not_null,
+                reason: format!("duplicate {}", cols.join(", ")),
+            }
         }
         Check::RowCount(c) => CheckSql::RowCount { min: c.min, max: c.max },
         Check::Freshness(c) => CheckSql::Freshness {
@@ -130,7 +130,7 @@ mod tests {
             name: None,
         });
         assert_eq!(
-            compile(&c, "t"),
+            compile(&c),
             CheckSql::Rows {
                 predicate: "\"a\" IS NULL OR \"b\" IS NULL".into(),
                 reason: "NULL in a, b".into()

@@ -9,6 +9,7 @@
 //! run with status 1 and nothing written.
 
 pub mod checks;
+mod ipc;
 pub mod report;
 pub mod spec_test;
 
@@ -20,7 +21,6 @@ use std::time::Instant;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::writer::FileWriter;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::datasource::file_format::options::ArrowReadOptions;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::StreamExt;
@@ -321,9 +321,14 @@ impl<'a> Executor<'a> {
 
     async fn register(&self, id: &str, path: &std::path::Path) -> Result<()> {
         let what = format!("node '{id}'");
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let schema = datafusion::arrow::ipc::reader::FileReader::try_new(std::io::BufReader::new(file), None)
+            .map_err(|e| df_error(&what, e))?
+            .schema();
+        let table = ipc::table(path.to_path_buf(), schema).map_err(|e| df_error(&what, e))?;
         self.ctx.deregister_table(id).map_err(|e| df_error(&what, e))?;
-        let opts = ArrowReadOptions { file_extension: ".arrow", ..Default::default() };
-        self.ctx.register_arrow(id, &path.to_string_lossy(), opts).await.map_err(|e| df_error(&what, e))
+        self.ctx.register_table(id, std::sync::Arc::new(table)).map_err(|e| df_error(&what, e))?;
+        Ok(())
     }
 
     pub(crate) async fn query(&self, what: &str, sql: &str) -> Result<Vec<RecordBatch>> {
@@ -342,31 +347,35 @@ impl<'a> Executor<'a> {
         let table = checks::ident(id);
         let opts = check.options();
         let mut outcome = CheckOutcome::new(id, check);
-        match checks::compile(check, id) {
+        match checks::compile(check) {
             CheckSql::Rows { predicate, reason } => {
                 let failing = format!("SELECT * FROM {table} WHERE {predicate}");
                 let count =
                     scalar_u64(&self.query(&what, &format!("SELECT count(*) FROM ({failing})")).await?);
-                outcome.failing_rows = count;
-                outcome.samples = to_json_rows(&self.query(&what, &format!("{failing} LIMIT 10")).await?);
-                outcome.message = if count == 0 { "ok".into() } else { format!("{count} rows: {reason}") };
-                if opts.on_fail == OnFail::Quarantine && count > 0 {
-                    let allowed = match opts.max_failures.and_then(parse_max_failures) {
-                        Some(MaxFailures::Count(n)) => n,
-                        Some(MaxFailures::Percent(p)) => ((rows as f64) * p / 100.0).floor() as u64,
-                        None => 0,
-                    };
-                    outcome.passed = count <= allowed;
-                    let failing_rows = self.stream(&what, &failing).await?;
-                    self.quarantine_rows(id, check.name(), &reason, failing_rows).await?;
-                    let passing =
-                        self.stream(&what, &format!("SELECT * FROM {table} WHERE NOT ({predicate})")).await?;
-                    let (path, _) = self.materialize(id, &format!("check{index}"), passing).await?;
-                    self.register(id, &path).await?;
-                    outcome.quarantined = count;
-                    outcome.reason = Some(reason);
+                self.row_check(id, index, check, rows, &predicate, reason, count, &mut outcome).await?;
+            }
+            CheckSql::Unique { key, not_null, reason } => {
+                let dups = self
+                    .query(&what, &format!("SELECT {key} AS k, count(*) AS n FROM {table} WHERE {not_null} GROUP BY {key} HAVING count(*) > 1"))
+                    .await?;
+                let count = sum_column(&dups, 1);
+                if count == 0 {
+                    outcome.message = "ok".into();
                 } else {
-                    outcome.passed = count == 0;
+                    // Few keys repeat: keep them in memory and find their rows.
+                    let name = format!("__dups_{id}_{index}");
+                    let schema = dups.first().map(|b| b.schema()).unwrap_or_else(|| {
+                        std::sync::Arc::new(datafusion::arrow::datatypes::Schema::empty())
+                    });
+                    let mem = datafusion::datasource::MemTable::try_new(schema, vec![dups])
+                        .map_err(|e| df_error(&what, e))?;
+                    self.ctx.deregister_table(name.as_str()).map_err(|e| df_error(&what, e))?;
+                    self.ctx
+                        .register_table(name.as_str(), std::sync::Arc::new(mem))
+                        .map_err(|e| df_error(&what, e))?;
+                    let predicate =
+                        format!("{not_null} AND {key} IN (SELECT k FROM {})", checks::ident(&name));
+                    self.row_check(id, index, check, rows, &predicate, reason, count, &mut outcome).await?;
                 }
             }
             CheckSql::RowCount { min, max } => {
@@ -391,6 +400,48 @@ impl<'a> Executor<'a> {
             tracing::info!("{what}: {}", outcome.message);
         }
         Ok(outcome)
+    }
+
+    /// Samples, and with `on_fail: quarantine` moves out, the `count` rows
+    /// of node `id` for which `predicate` holds.
+    #[allow(clippy::too_many_arguments)]
+    async fn row_check(
+        &mut self,
+        id: &str,
+        index: usize,
+        check: &Check,
+        rows: u64,
+        predicate: &str,
+        reason: String,
+        count: u64,
+        outcome: &mut CheckOutcome,
+    ) -> Result<()> {
+        let what = format!("check '{}' on '{id}'", check.name());
+        let table = checks::ident(id);
+        let opts = check.options();
+        let failing = format!("SELECT * FROM {table} WHERE {predicate}");
+        outcome.failing_rows = count;
+        outcome.samples = to_json_rows(&self.query(&what, &format!("{failing} LIMIT 10")).await?);
+        outcome.message = if count == 0 { "ok".into() } else { format!("{count} rows: {reason}") };
+        if opts.on_fail == OnFail::Quarantine && count > 0 {
+            let allowed = match opts.max_failures.and_then(parse_max_failures) {
+                Some(MaxFailures::Count(n)) => n,
+                Some(MaxFailures::Percent(p)) => ((rows as f64) * p / 100.0).floor() as u64,
+                None => 0,
+            };
+            outcome.passed = count <= allowed;
+            let failing_rows = self.stream(&what, &failing).await?;
+            self.quarantine_rows(id, check.name(), &reason, failing_rows).await?;
+            let passing =
+                self.stream(&what, &format!("SELECT * FROM {table} WHERE NOT ({predicate})")).await?;
+            let (path, _) = self.materialize(id, &format!("check{index}"), passing).await?;
+            self.register(id, &path).await?;
+            outcome.quarantined = count;
+            outcome.reason = Some(reason);
+        } else {
+            outcome.passed = count == 0;
+        }
+        Ok(())
     }
 
     /// Moves failing rows into the quarantine table (not in a dry run).
@@ -602,6 +653,22 @@ fn select(plan: &Plan, names: &[String]) -> Result<HashSet<String>> {
 
 fn scalar_u64(batches: &[RecordBatch]) -> u64 {
     scalar_i64(batches).unwrap_or(0).max(0) as u64
+}
+
+/// The sum of an integer column over batches.
+fn sum_column(batches: &[RecordBatch], col: usize) -> u64 {
+    use datafusion::arrow::array::{Array, Int64Array};
+    batches
+        .iter()
+        .filter_map(|b| {
+            datafusion::arrow::compute::cast(b.column(col), &datafusion::arrow::datatypes::DataType::Int64)
+                .ok()
+        })
+        .map(|a| {
+            a.as_any().downcast_ref::<Int64Array>().map(|a| a.iter().flatten().sum::<i64>()).unwrap_or(0)
+        })
+        .sum::<i64>()
+        .max(0) as u64
 }
 
 fn scalar_string(batches: &[RecordBatch]) -> Option<String> {
