@@ -3,14 +3,7 @@
 
 use std::fs;
 
-use super::{engine, repo_dir, text};
-
-fn scratch(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("engine-run-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
+use super::{engine, repo_dir, scratch, text};
 
 /// The example copied to a scratch folder, so runs do not write into the repo.
 fn example_copy(name: &str) -> std::path::PathBuf {
