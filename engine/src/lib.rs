@@ -11,7 +11,10 @@
 //!    transform, check and sink nodes. SQL transforms find their inputs in their
 //!    own SQL; every problem of a file is reported at once, each with its
 //!    `file:line:col`.
-//! 3. Executors over the plan, exchanging Arrow record batches between nodes.
+//! 3. Executors over the plan, exchanging Arrow record batches between nodes:
+//!    [`run`] for batch pipelines (each node materialized once), [`stream`]
+//!    for stream pipelines (micro-batches through transforms compiled once,
+//!    acknowledged at the source after every sink committed them).
 //!
 //! [`rules`] reads rule files (one rule per file, reloadable), [`transform`]
 //! holds SQL on Apache DataFusion and the engine's SQL functions, and [`cli`]
@@ -25,6 +28,7 @@ pub mod plan;
 pub mod rules;
 pub mod run;
 pub mod spec;
+pub mod stream;
 pub mod transform;
 
 pub use error::{Error, Result};

@@ -6,6 +6,7 @@ mod graph;
 mod rules;
 mod run;
 mod schema;
+mod stream;
 mod test;
 mod validate;
 
@@ -35,6 +36,8 @@ enum Command {
     Graph(graph::Args),
     /// Run a batch pipeline once.
     Run(run::Args),
+    /// Run a stream pipeline until SIGINT/SIGTERM (or a limit).
+    Stream(stream::Args),
     /// Run the tests of specs in memory (no connection, no sink).
     Test(test::Args),
     /// Print the JSON Schema of the pipeline language (for editors).
@@ -81,7 +84,7 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    init_logging();
+    init_logging(matches!(cli.command, Command::Stream(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -110,14 +113,23 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Validate(a) => validate::run(a).await,
         Command::Graph(a) => graph::run(a).await,
         Command::Run(a) => run::run(a).await,
+        Command::Stream(a) => stream::run(a).await,
         Command::Schema(a) => schema::run(a),
         Command::Test(a) => test::run(a).await,
         Command::Rules { command } => rules::run(command).await,
     }
 }
 
-fn init_logging() {
+/// Logs go to stderr; `ENGINE_LOG` sets the filter. A stream logs its
+/// progress, reloads and retries by default.
+fn init_logging(stream: bool) {
+    let default = if stream { "warn,engine=info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ENGINE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

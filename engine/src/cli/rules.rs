@@ -37,10 +37,10 @@ pub async fn run(cmd: Command) -> Result<i32> {
     if let Some(spec) = &args.schema_from {
         let plan = super::compile(spec, &args.spec.load_options()?).await?;
         let input = plan.spec.pipeline.transforms.values().find_map(|t| match t {
-            Transform::Rules(r) => Some(r.input.value().clone()),
+            Transform::Rules(r) => Some((r.input.value().clone(), r.key.value().clone())),
             Transform::Sql(_) => None,
         });
-        let Some(input) = input else {
+        let Some((input, key)) = input else {
             return Err(Error::Usage(format!("'{}' has no rules transform", spec.display())));
         };
         let Some(schema) = plan.schemas.get(&input) else {
@@ -49,7 +49,7 @@ pub async fn run(cmd: Command) -> Result<i32> {
                 spec.display()
             )));
         };
-        diags.extend(rules::compile::check_against(&set, schema.clone()).await);
+        diags.extend(rules::compile::check_against(&set, schema.clone(), &key).await);
     }
     diags.into_result()?;
     println!("ok: {} rules in {} files", set.len(), files.len());

@@ -11,6 +11,15 @@ use crate::transform::generate;
 
 /// The SELECT that makes `rows` rows of `g`.
 pub fn sql(g: &GenerateSource, rows: u64) -> Result<String> {
+    let last = rows as i64 - 1;
+    Ok(format!(
+        "{} FROM (SELECT CAST(value AS BIGINT) AS n FROM generate_series(0, {last})) AS rows",
+        select(g)?
+    ))
+}
+
+/// `SELECT <columns>` of `g`, for a FROM that provides the row number `n`.
+pub fn select(g: &GenerateSource) -> Result<String> {
     let seed = g.seed.unwrap_or(0);
     let mut cols = Vec::new();
     for (i, (name, expr)) in g.columns.iter().enumerate() {
@@ -18,11 +27,7 @@ pub fn sql(g: &GenerateSource, rows: u64) -> Result<String> {
             .map_err(|e| Error::Usage(format!("column '{name}': {e}")))?;
         cols.push(format!("{e} AS \"{}\"", name.replace('"', "\"\"")));
     }
-    let last = rows as i64 - 1;
-    Ok(format!(
-        "SELECT {} FROM (SELECT CAST(value AS BIGINT) AS n FROM generate_series(0, {last})) AS rows",
-        cols.join(", ")
-    ))
+    Ok(format!("SELECT {}", cols.join(", ")))
 }
 
 pub async fn open(ctx: &SessionContext, g: &GenerateSource) -> Result<SendableRecordBatchStream> {

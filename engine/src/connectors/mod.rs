@@ -8,6 +8,7 @@ pub mod file;
 pub mod generate;
 pub mod mongodb;
 pub mod postgres;
+pub mod redis;
 pub mod stdout;
 
 use datafusion::execution::SendableRecordBatchStream;

@@ -71,6 +71,21 @@ pub struct Plan {
     pub warnings: Diagnostics,
 }
 
+impl Plan {
+    /// Node ids, inputs first (a node's checks do not repeat its id).
+    pub fn order(&self) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        let mut order = Vec::new();
+        for i in petgraph::algo::toposort(&self.graph, None).unwrap_or_default() {
+            let id = &self.graph[i].id;
+            if seen.insert(id.clone()) {
+                order.push(id.clone());
+            }
+        }
+        order
+    }
+}
+
 /// Collects problems during compilation.
 pub(crate) struct Problems<'a> {
     pub spec: &'a Spec,

@@ -407,7 +407,7 @@ async fn node_schema(
                 );
             }
             if let Some(set) = rules.get(id) {
-                let diags = rules::compile::check_against(set, input.clone()).await;
+                let diags = rules::compile::check_against(set, input.clone(), t.key.value()).await;
                 p.diags.extend(diags);
             }
             Some(alert_schema(input))

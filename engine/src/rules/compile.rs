@@ -11,8 +11,9 @@ use crate::transform::sql::{self, Planner};
 /// The table name rules are planned against.
 const EVENTS: &str = "__events";
 
-/// Plans every rule against `schema`; problems are reported per rule.
-pub async fn check_against(rules: &[LoadedRule], schema: SchemaRef) -> Diagnostics {
+/// Plans every rule against `schema`, then compiles the set as a stream runs
+/// it (`key` is the event id column); problems are reported per rule.
+pub async fn check_against(rules: &[LoadedRule], schema: SchemaRef, key: &str) -> Diagnostics {
     let mut diags = Diagnostics::default();
     let planner = Planner::new();
     if let Err(e) = planner.register_empty(EVENTS, schema.clone()) {
@@ -27,6 +28,11 @@ pub async fn check_against(rules: &[LoadedRule], schema: SchemaRef) -> Diagnosti
         if let Err(msg) = check_rule(&planner, lr, &columns, &schema).await {
             let pos = lr.rule.when.pos();
             diags.push(lr.error(pos, format!("rule '{}': {msg}", lr.rule.id.value())));
+        }
+    }
+    if !diags.has_errors() && schema.index_of(key).is_ok() {
+        if let Err(d) = super::eval::CompiledRules::build(&crate::stream::session(), rules, schema, key) {
+            diags.extend(d);
         }
     }
     diags

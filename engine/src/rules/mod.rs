@@ -3,9 +3,14 @@
 //! A file holds one rule or `rules: [..]`. [`load`] reads every file a rules
 //! transform points at and checks them as one set: each `when` must parse, ids
 //! must be unique, windows must be well formed. [`compile`] then plans each rule
-//! against the input's schema when that schema is known.
+//! against the input's schema when that schema is known; [`eval`] is the set
+//! compiled once for a stream, [`window`] the per-key state of windowed rules,
+//! and [`watch`] reloads a running stream's rules when their files change.
 
 pub mod compile;
+pub mod eval;
+pub mod watch;
+pub mod window;
 
 use std::path::{Path, PathBuf};
 

@@ -29,10 +29,7 @@ use crate::connectors::{self, df_error, postgres};
 use crate::error::{Error, Result};
 use crate::plan::validate::{parse_max_failures, MaxFailures};
 use crate::plan::Plan;
-use crate::spec::model::{
-    Check, Connection, OnFail, PostgresConnection, PostgresSink, PostgresSource, Severity, Sink, Source,
-    Transform,
-};
+use crate::spec::model::{Check, OnFail, PostgresSink, PostgresSource, Severity, Sink, Source, Transform};
 use checks::CheckSql;
 use report::{CheckOutcome, NodeReport, RunReport, Status};
 
@@ -134,23 +131,12 @@ impl<'a> Executor<'a> {
         Ok(Self { plan, opts, ctx: session(), dir, selected, report, quarantine: None, watermarks: vec![] })
     }
 
-    /// Applies the migrations of every postgres connection that names them.
-    async fn migrate(&self) -> Result<()> {
-        for (name, c) in &self.plan.spec.pipeline.connections {
-            if let Connection::Postgres(PostgresConnection { url, migrations: Some(dir), .. }) = c {
-                let mut conn = postgres::connect(name, url).await?;
-                postgres::migrate(name, url, &mut conn, &self.plan.spec.resolve(dir.value())).await?;
-            }
-        }
-        Ok(())
-    }
-
     async fn run_nodes(&mut self) -> Result<()> {
         if !self.opts.dry_run && self.opts.given.is_none() {
-            self.migrate().await?;
+            postgres::migrate_spec(&self.plan.spec).await?;
         }
         let pipeline = &self.plan.spec.pipeline;
-        let order: Vec<String> = self.plan_order();
+        let order: Vec<String> = self.plan.order();
         for id in &order {
             if !self.selected.contains(id) || pipeline.sinks.contains_key(id) {
                 continue;
@@ -165,19 +151,6 @@ impl<'a> Executor<'a> {
             return Ok(());
         }
         self.write_sinks().await
-    }
-
-    /// Node ids, inputs first.
-    fn plan_order(&self) -> Vec<String> {
-        let mut seen = HashSet::new();
-        let mut order = Vec::new();
-        for i in petgraph::algo::toposort(&self.plan.graph, None).unwrap_or_default() {
-            let id = &self.plan.graph[i].id;
-            if seen.insert(id.clone()) {
-                order.push(id.clone());
-            }
-        }
-        order
     }
 
     /// Computes a source or transform into its file, then runs its checks.

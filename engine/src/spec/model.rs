@@ -406,9 +406,15 @@ pub struct RedisSource {
     /// Where malformed messages and entries past `max_deliveries` go.
     #[serde(default)]
     pub dead_letter: Option<DeadLetter>,
-    /// Deliveries of one stream entry before it goes to the dead letter.
+    /// Deliveries of one stream entry before it goes to the dead letter (default 5).
     #[serde(default)]
     pub max_deliveries: Option<u32>,
+    /// Entries another consumer has left pending this long are claimed (default `30s`).
+    #[serde(default)]
+    pub reclaim_after: Option<String>,
+    /// Larger messages go to the dead letter (default 1048576).
+    #[serde(default)]
+    pub max_message_bytes: Option<u64>,
     /// What this node reads, for people and `engine graph`.
     #[serde(default)]
     pub description: Option<String>,

@@ -59,7 +59,7 @@ pub fn batch_sql(
                 windowed(r.when.value(), &w.by, time, secs)?
             }
         };
-        let reason = reason_sql(r.when.value(), columns);
+        let reason = reason_sql(r.when.value(), &|w| columns.iter().any(|c| c == w).then(|| w.to_string()));
         let severity = format!("{:?}", r.severity).to_lowercase();
         let fired = format!(
             "SELECT concat({}, ':', CAST({} AS VARCHAR)) AS alert_id, {} AS rule_id, {} AS severity, {} AS rules_version, \
@@ -103,20 +103,22 @@ pub fn batch_sql(
 }
 
 /// `amount > 2000` -> SQL for `'amount ' || amount || ' > 2000'`: the rule's
-/// text with each column followed by its value.
-fn reason_sql(when: &str, columns: &[String]) -> String {
+/// text with each column followed by its value. `label` says which words are
+/// columns, and how to write them (an aggregate's column shows its call).
+pub fn reason_sql(when: &str, label: &dyn Fn(&str) -> Option<String>) -> String {
     let dialect = GenericDialect {};
     let Ok(tokens) = Tokenizer::new(&dialect, when).tokenize() else { return literal(when) };
     let mut pieces: Vec<String> = Vec::new();
     let mut text = String::new();
     for t in tokens {
         match &t {
-            Token::Word(w) if w.quote_style.is_none() && columns.iter().any(|c| c == &w.value) => {
-                text.push_str(&w.value);
+            Token::Word(w) if w.quote_style.is_none() && label(&w.value).is_some() => {
+                text.push_str(&label(&w.value).unwrap_or_default());
                 text.push(' ');
                 pieces.push(literal(&text));
                 text.clear();
-                pieces.push(format!("COALESCE(CAST({} AS VARCHAR), 'NULL')", quote(&w.value)));
+                let col = quote(&w.value);
+                pieces.push(format!("CASE WHEN {col} IS NULL THEN 'NULL' ELSE CAST({col} AS VARCHAR) END"));
             }
             other => text.push_str(&other.to_string()),
         }
@@ -183,8 +185,11 @@ mod tests {
 
     #[test]
     fn reasons_show_the_values() {
-        let r = reason_sql("amount > 2000", &["amount".to_string()]);
-        assert_eq!(r, "concat('amount ', COALESCE(CAST(\"amount\" AS VARCHAR), 'NULL'), ' > 2000')");
+        let r = reason_sql("amount > 2000", &|w| (w == "amount").then(|| w.to_string()));
+        assert_eq!(
+            r,
+            "concat('amount ', CASE WHEN \"amount\" IS NULL THEN 'NULL' ELSE CAST(\"amount\" AS VARCHAR) END, ' > 2000')"
+        );
     }
 
     #[test]

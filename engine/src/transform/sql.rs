@@ -215,6 +215,51 @@ impl ScalarUDFImpl for SurrogateKey {
     }
 }
 
+/// `now()` read at every evaluation. DataFusion's own `now()` is fixed when a
+/// query is planned, which is right for one batch query; a stream plans its
+/// queries once and runs them for hours, so there the time must be read per batch.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct LiveNow {
+    signature: Signature,
+}
+
+impl LiveNow {
+    pub fn new() -> Self {
+        Self { signature: Signature::nullary(Volatility::Volatile) }
+    }
+}
+
+impl Default for LiveNow {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ScalarUDFImpl for LiveNow {
+    fn name(&self) -> &str {
+        "now"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Nanosecond, Some("+00:00".into())))
+    }
+
+    fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or_default();
+        Ok(ColumnarValue::Scalar(datafusion::common::ScalarValue::TimestampNanosecond(
+            Some(nanos),
+            Some("+00:00".into()),
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@ mod golden;
 mod postgres;
 mod repo;
 mod run;
+mod stream;
 mod warehouse;
 
 use std::path::{Path, PathBuf};

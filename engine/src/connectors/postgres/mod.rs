@@ -40,6 +40,18 @@ pub async fn migrate(name: &str, url: &str, conn: &mut PgConnection, dir: &Path)
         .map_err(|e| external(name, url, format!("migrations in '{}': {e}", dir.display())))
 }
 
+/// Applies the migrations of every postgres connection of `spec` that names them.
+pub async fn migrate_spec(spec: &crate::spec::Spec) -> Result<()> {
+    use crate::spec::model::{Connection, PostgresConnection};
+    for (name, c) in &spec.pipeline.connections {
+        if let Connection::Postgres(PostgresConnection { url, migrations: Some(dir), .. }) = c {
+            let mut conn = connect(name, url).await?;
+            migrate(name, url, &mut conn, &spec.resolve(dir.value())).await?;
+        }
+    }
+    Ok(())
+}
+
 /// One quarantined row.
 pub struct Reject {
     pub reason: String,

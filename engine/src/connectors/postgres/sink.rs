@@ -51,6 +51,17 @@ pub async fn load_all(
     watermarks: &[Watermark],
 ) -> Result<Vec<(String, u64)>> {
     let mut conn = connect(name, url).await?;
+    load_on(&mut conn, name, url, loads, watermarks).await
+}
+
+/// [`load_all`] on an open connection (streams keep theirs between batches).
+pub async fn load_on(
+    conn: &mut PgConnection,
+    name: &str,
+    url: &str,
+    loads: Vec<Load<'_>>,
+    watermarks: &[Watermark],
+) -> Result<Vec<(String, u64)>> {
     let ext = |e: sqlx::Error| external(name, url, e);
     let mut tx = conn.begin().await.map_err(ext)?;
     let replace: Vec<String> = loads

@@ -1,0 +1,63 @@
+//! `engine stream SPEC`: runs a stream pipeline until SIGINT/SIGTERM,
+//! `--max-events` or `--for`. Exit status 0 after a clean stop, 2 invalid,
+//! 3 runtime failure.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::SpecArgs;
+use crate::error::{Error, Result};
+use crate::spec::model::Mode;
+use crate::stream::{self, StreamOptions};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The pipeline file.
+    #[arg(value_name = "SPEC")]
+    spec_file: PathBuf,
+    /// Serve Prometheus metrics at /metrics and health at /health here (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Stop once this many events have been processed.
+    #[arg(long, value_name = "N")]
+    max_events: Option<u64>,
+    /// Stop after this long (e.g. 30s, 10m).
+    #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    #[command(flatten)]
+    spec: SpecArgs,
+}
+
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("bad duration '{s}' ({e}); write e.g. 30s, 10m"))
+}
+
+pub async fn run(args: Args) -> Result<i32> {
+    let plan = super::compile(&args.spec_file, &args.spec.load_options()?).await?;
+    if plan.spec.pipeline.mode != Mode::Stream {
+        return Err(Error::Usage(format!(
+            "'{}' is a batch pipeline; run it with `engine run` (or set 'mode: stream')",
+            args.spec_file.display()
+        )));
+    }
+    let opts = StreamOptions {
+        metrics_addr: args.metrics_addr,
+        max_events: args.max_events,
+        duration: args.duration,
+    };
+    let summary = stream::run(&plan, opts).await?;
+    let written: Vec<String> = summary.written.iter().map(|(s, n)| format!("{s}: {n} rows")).collect();
+    eprintln!(
+        "stream stopped: {} events in {} batches{}{}",
+        summary.events,
+        summary.batches,
+        if written.is_empty() { String::new() } else { format!("; {}", written.join(", ")) },
+        if summary.unfinished > 0 {
+            "; the last batch was not committed and will be delivered again"
+        } else {
+            ""
+        }
+    );
+    Ok(0)
+}

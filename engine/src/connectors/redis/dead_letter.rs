@@ -1,0 +1,168 @@
+//! Dead letters of a stream source: messages that cannot become rows, and
+//! entries delivered too often, kept with the reason and the raw payload in a
+//! Redis stream on the source's connection or in a PostgreSQL table.
+
+use sqlx::PgConnection;
+
+use crate::spec::model::{Connection, DeadLetter as DeadLetterSpec};
+use crate::spec::Spec;
+
+/// One refused message.
+pub struct Letter {
+    pub payload: Vec<u8>,
+    pub reason: String,
+    /// The stream entry id (streams only).
+    pub entry_id: Option<String>,
+}
+
+enum Target {
+    Stream(String),
+    Table {
+        name: String,
+        url: String,
+        table: String,
+        conn: Option<PgConnection>,
+    },
+    /// No dead letter configured: the refusal is logged.
+    Log,
+}
+
+/// Where a source's refused messages go.
+pub struct DeadLetters {
+    source: String,
+    target: Target,
+}
+
+impl DeadLetters {
+    pub fn new(spec: &Spec, source: &str, dl: Option<&DeadLetterSpec>) -> Self {
+        let target = match dl {
+            Some(DeadLetterSpec { stream: Some(s), .. }) => Target::Stream(s.clone()),
+            Some(DeadLetterSpec { connection: Some(c), table: Some(t), .. }) => {
+                match spec.pipeline.connections.get(c.value()) {
+                    Some(Connection::Postgres(pg)) => Target::Table {
+                        name: c.value().clone(),
+                        url: pg.url.clone(),
+                        table: t.clone(),
+                        conn: None,
+                    },
+                    _ => Target::Log,
+                }
+            }
+            _ => Target::Log,
+        };
+        Self { source: source.to_string(), target }
+    }
+
+    /// Stores `letters`; on error nothing may be acknowledged.
+    pub async fn write(
+        &mut self,
+        redis: &mut redis::aio::MultiplexedConnection,
+        letters: &[Letter],
+    ) -> Result<(), String> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let at = now_rfc3339();
+        match &mut self.target {
+            Target::Stream(key) => {
+                let mut pipe = redis::pipe();
+                for l in letters {
+                    pipe.cmd("XADD")
+                        .arg(key.as_str())
+                        .arg("*")
+                        .arg("payload")
+                        .arg(l.payload.as_slice())
+                        .arg("reason")
+                        .arg(&l.reason)
+                        .arg("source")
+                        .arg(&self.source)
+                        .arg("entry_id")
+                        .arg(l.entry_id.as_deref().unwrap_or(""))
+                        .arg("at")
+                        .arg(&at)
+                        .ignore();
+                }
+                pipe.query_async::<()>(redis)
+                    .await
+                    .map_err(|e| format!("dead letter stream '{key}': {e}"))?;
+            }
+            Target::Table { name, url, table, conn } => {
+                let c = match conn {
+                    Some(c) => c,
+                    None => {
+                        let mut c = crate::connectors::postgres::connect(name, url)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        create_table(&mut c, table)
+                            .await
+                            .map_err(|e| format!("dead letter table '{table}': {e}"))?;
+                        conn.insert(c)
+                    }
+                };
+                if let Err(e) = insert(c, table, &self.source, letters).await {
+                    *conn = None;
+                    return Err(format!("dead letter table '{table}': {e}"));
+                }
+            }
+            Target::Log => {
+                for l in letters {
+                    tracing::warn!(
+                        source = %self.source,
+                        "message refused (no dead_letter configured): {}; payload: {}",
+                        l.reason,
+                        String::from_utf8_lossy(&l.payload[..l.payload.len().min(200)])
+                    );
+                }
+            }
+        }
+        metrics::counter!("engine_dead_letters_total", "source" => self.source.clone())
+            .increment(letters.len() as u64);
+        for l in letters {
+            tracing::info!(source = %self.source, "dead letter: {}", l.reason);
+        }
+        Ok(())
+    }
+}
+
+fn now_rfc3339() -> String {
+    let us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default();
+    datafusion::arrow::temporal_conversions::timestamp_us_to_datetime(us)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+        .unwrap_or_default()
+}
+
+async fn create_table(conn: &mut PgConnection, table: &str) -> Result<(), sqlx::Error> {
+    let sql = format!(
+        "CREATE TABLE IF NOT EXISTS {} (id bigserial PRIMARY KEY, source text NOT NULL, reason text NOT NULL, \
+         payload text NOT NULL, entry_id text, received_at timestamptz NOT NULL DEFAULT now())",
+        crate::connectors::postgres::quote_table(table)
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(conn).await.map(|_| ())
+}
+
+async fn insert(
+    conn: &mut PgConnection,
+    table: &str,
+    source: &str,
+    letters: &[Letter],
+) -> Result<(), sqlx::Error> {
+    let reasons: Vec<&str> = letters.iter().map(|l| l.reason.as_str()).collect();
+    let payloads: Vec<String> =
+        letters.iter().map(|l| String::from_utf8_lossy(&l.payload).replace('\0', "\u{fffd}")).collect();
+    let ids: Vec<Option<&str>> = letters.iter().map(|l| l.entry_id.as_deref()).collect();
+    let sql = format!(
+        "INSERT INTO {} (source, reason, payload, entry_id) SELECT $1, r, p, i FROM unnest($2::text[], $3::text[], $4::text[]) AS x(r, p, i)",
+        crate::connectors::postgres::quote_table(table)
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(source)
+        .bind(&reasons)
+        .bind(&payloads)
+        .bind(&ids)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}

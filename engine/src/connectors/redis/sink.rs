@@ -1,0 +1,47 @@
+//! The redis sink: each row as one JSON message, PUBLISHed on a channel or
+//! XADDed to a stream (field `payload`), a batch in one pipeline.
+
+use datafusion::arrow::json::writer::{LineDelimited, WriterBuilder};
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::spec::model::RedisSink;
+
+/// Rows as JSON objects, one per row; NULLs are written as `null`.
+pub fn json_rows(batches: &[RecordBatch]) -> Result<Vec<Vec<u8>>, String> {
+    let mut buf = Vec::new();
+    let mut w = WriterBuilder::new().with_explicit_nulls(true).build::<_, LineDelimited>(&mut buf);
+    for b in batches {
+        w.write(b).map_err(|e| e.to_string())?;
+    }
+    w.finish().map_err(|e| e.to_string())?;
+    drop(w);
+    Ok(buf.split(|c| *c == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect())
+}
+
+/// Writes `batches` to `sink` on `conn`; returns the messages sent.
+pub async fn write(
+    conn: &mut redis::aio::ConnectionManager,
+    sink: &RedisSink,
+    batches: &[RecordBatch],
+) -> Result<u64, String> {
+    let rows = json_rows(batches)?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut pipe = redis::pipe();
+    for row in &rows {
+        match (&sink.channel, &sink.stream) {
+            (Some(ch), _) => pipe.cmd("PUBLISH").arg(ch).arg(row.as_slice()).ignore(),
+            (None, Some(st)) => {
+                let cmd = pipe.cmd("XADD").arg(st);
+                if let Some(n) = sink.maxlen {
+                    cmd.arg("MAXLEN").arg("~").arg(n);
+                }
+                cmd.arg("*").arg("payload").arg(row.as_slice()).ignore()
+            }
+            (None, None) => return Err("redis sink without 'channel' or 'stream'".into()),
+        };
+    }
+    pipe.query_async::<()>(conn).await.map_err(|e| e.to_string())?;
+    Ok(rows.len() as u64)
+}

@@ -1,0 +1,366 @@
+//! The redis stream source: reads messages, decodes them into micro-batches
+//! (`batch: {max_rows, max_wait}`) and hands each batch, with the stream entry
+//! ids it holds, to the executor. Refused messages go to the dead letter at
+//! once. On a lost connection it reconnects with backoff; the batch being
+//! filled is kept.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use futures::StreamExt;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::{mpsc, watch};
+
+use super::dead_letter::{DeadLetters, Letter};
+use super::{connect, read_reply, Backoff, Entry};
+use crate::stream::decode::Decoder;
+
+/// A micro-batch and what acknowledges it.
+pub struct Delivery {
+    pub batch: RecordBatch,
+    /// Stream entry ids to XACK once every sink has committed (empty for Pub/Sub).
+    pub ids: Vec<String>,
+    /// When the batch's first message was read.
+    pub first_at: Instant,
+}
+
+/// What to read and how.
+pub struct Config {
+    pub node: String,
+    pub connection: String,
+    pub url: String,
+    pub channel: Option<String>,
+    pub stream: Option<String>,
+    pub group: String,
+    pub consumer: String,
+    pub field: String,
+    pub max_rows: usize,
+    pub max_wait: Duration,
+    pub max_deliveries: u32,
+    /// Entries pending this long with another consumer are claimed.
+    pub reclaim_after: Duration,
+    pub max_message_bytes: usize,
+}
+
+/// Signals between the source and the executor.
+pub struct Control {
+    pub shutdown: watch::Receiver<bool>,
+    pub connected: Arc<AtomicBool>,
+}
+
+/// Reads until shutdown, then hands over the last partial batch and returns.
+pub async fn run(
+    cfg: Config,
+    schema: SchemaRef,
+    mut dead: DeadLetters,
+    out: mpsc::Sender<Delivery>,
+    mut ctl: Control,
+) -> crate::error::Result<()> {
+    let client = super::client(&cfg.connection, &cfg.url)?;
+    let mut r = Reader {
+        cursor: "-".into(),
+        own_done: false,
+        decoder: Decoder::new(schema, cfg.max_message_bytes),
+        ids: vec![],
+        first_at: None,
+        cfg,
+    };
+    let mut backoff = Backoff::default();
+    loop {
+        let outcome = match r.cfg.stream.clone() {
+            Some(stream) => r.read_stream(&client, &stream, &mut dead, &out, &mut ctl, &mut backoff).await,
+            None => r.read_channel(&client, &mut dead, &out, &mut ctl, &mut backoff).await,
+        };
+        ctl.connected.store(false, Ordering::Relaxed);
+        metrics::gauge!("engine_source_connected", "source" => r.cfg.node.clone()).set(0.0);
+        match outcome {
+            Ok(()) => break,
+            Err(e) => {
+                let wait = backoff.wait();
+                tracing::warn!(source = %r.cfg.node, "redis: {e}; reconnecting in {wait:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = ctl.shutdown.changed() => {}
+                }
+                if *ctl.shutdown.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+    r.flush(&out).await;
+    Ok(())
+}
+
+struct Reader {
+    /// Where the pass over this consumer's own pending entries goes on.
+    cursor: String,
+    own_done: bool,
+    decoder: Decoder,
+    ids: Vec<String>,
+    first_at: Option<Instant>,
+    cfg: Config,
+}
+
+fn up(cfg: &Config, ctl: &Control, backoff: &mut Backoff) {
+    ctl.connected.store(true, Ordering::Relaxed);
+    metrics::gauge!("engine_source_connected", "source" => cfg.node.clone()).set(1.0);
+    backoff.reset();
+}
+
+impl Reader {
+    /// Takes one message; a refused one becomes a dead letter.
+    fn take(&mut self, id: Option<String>, payload: &[u8], letters: &mut Vec<Letter>) {
+        match self.decoder.push(payload) {
+            Ok(()) => {
+                self.first_at.get_or_insert_with(Instant::now);
+                if let Some(id) = id {
+                    self.ids.push(id);
+                }
+            }
+            Err(reason) => letters.push(Letter { payload: payload.to_vec(), reason, entry_id: id }),
+        }
+    }
+
+    fn take_entry(&mut self, (id, fields): Entry, letters: &mut Vec<Letter>, gone: &mut Vec<String>) {
+        let Some(fields) = fields else {
+            gone.push(id); // deleted from the stream (trimmed) while pending
+            return;
+        };
+        match fields.iter().find(|(k, _)| k.as_slice() == self.cfg.field.as_bytes()) {
+            Some((_, v)) => self.take(Some(id), v, letters),
+            None => {
+                let names: Vec<String> =
+                    fields.iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect();
+                let reason =
+                    format!("entry has no field '{}' (fields: {})", self.cfg.field, names.join(", "));
+                let payload = fields.first().map(|(_, v)| v.clone()).unwrap_or_default();
+                letters.push(Letter { payload, reason, entry_id: Some(id) });
+            }
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.decoder.rows() >= self.cfg.max_rows
+            || self.first_at.is_some_and(|t| t.elapsed() >= self.cfg.max_wait)
+    }
+
+    /// How long a read may wait for more messages.
+    fn wait(&self, idle: Duration) -> Duration {
+        match self.first_at {
+            None => idle,
+            Some(t) => self.cfg.max_wait.saturating_sub(t.elapsed()).max(Duration::from_millis(1)),
+        }
+    }
+
+    async fn flush(&mut self, out: &mpsc::Sender<Delivery>) {
+        let Some(first_at) = self.first_at.take() else { return };
+        match self.decoder.finish() {
+            Ok(batch) => {
+                let ids = std::mem::take(&mut self.ids);
+                let _ = out.send(Delivery { batch, ids, first_at }).await;
+            }
+            Err(e) => tracing::error!(source = %self.cfg.node, "cannot build a batch: {e}"),
+        }
+    }
+
+    async fn read_stream(
+        &mut self,
+        client: &redis::Client,
+        stream: &str,
+        dead: &mut DeadLetters,
+        out: &mpsc::Sender<Delivery>,
+        ctl: &mut Control,
+        backoff: &mut Backoff,
+    ) -> Result<(), String> {
+        let mut conn = connect(client, Duration::from_secs(1)).await.map_err(|e| e.to_string())?;
+        create_group(&mut conn, stream, &self.cfg.group).await?;
+        up(&self.cfg, ctl, backoff);
+        let mut reclaim_at = Instant::now();
+        // Own pending entries are looked at once per process: after a
+        // reconnect, those are the batches in flight.
+        let mut own_pending = !self.own_done;
+        loop {
+            if *ctl.shutdown.borrow() {
+                return Ok(());
+            }
+            let mut letters = Vec::new();
+            let mut gone = Vec::new();
+            if Instant::now() >= reclaim_at {
+                let (seen, claimed) = self.reclaim(&mut conn, stream, own_pending, &mut letters).await?;
+                if seen < 1000 {
+                    own_pending = false;
+                    self.own_done = true;
+                    reclaim_at =
+                        Instant::now() + (self.cfg.reclaim_after / 2).max(Duration::from_millis(500));
+                }
+                for e in claimed {
+                    self.take_entry(e, &mut letters, &mut gone);
+                    if self.decoder.rows() >= self.cfg.max_rows {
+                        self.flush(out).await;
+                    }
+                }
+            }
+            let count = self.cfg.max_rows.saturating_sub(self.decoder.rows()).max(1);
+            let block = self.wait(Duration::from_millis(500));
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(&self.cfg.group)
+                .arg(&self.cfg.consumer)
+                .arg("COUNT")
+                .arg(count)
+                .arg("BLOCK")
+                .arg(block.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(">");
+            let read = cmd.query_async::<redis::Value>(&mut conn);
+            let reply = tokio::select! {
+                r = read => r.map_err(|e| e.to_string())?,
+                _ = ctl.shutdown.changed() => continue,
+            };
+            for e in read_reply(reply) {
+                self.take_entry(e, &mut letters, &mut gone);
+            }
+            if !letters.is_empty() || !gone.is_empty() {
+                dead.write(&mut conn, &letters).await?;
+                gone.extend(letters.into_iter().filter_map(|l| l.entry_id));
+                ack(&mut conn, stream, &self.cfg.group, &gone).await.map_err(|e| e.to_string())?;
+            }
+            if self.due() {
+                self.flush(out).await;
+            }
+        }
+    }
+
+    async fn read_channel(
+        &mut self,
+        client: &redis::Client,
+        dead: &mut DeadLetters,
+        out: &mpsc::Sender<Delivery>,
+        ctl: &mut Control,
+        backoff: &mut Backoff,
+    ) -> Result<(), String> {
+        let channel = self.cfg.channel.clone().unwrap_or_default();
+        let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+        pubsub.subscribe(&channel).await.map_err(|e| e.to_string())?;
+        // Dead letters go out on a second connection: a subscribed one takes no other commands.
+        let mut conn = connect(client, Duration::from_secs(1)).await.map_err(|e| e.to_string())?;
+        up(&self.cfg, ctl, backoff);
+        let mut messages = pubsub.on_message();
+        loop {
+            if *ctl.shutdown.borrow() {
+                return Ok(());
+            }
+            let wait = self.wait(Duration::from_millis(500));
+            let msg = tokio::select! {
+                m = tokio::time::timeout(wait, messages.next()) => m,
+                _ = ctl.shutdown.changed() => continue,
+            };
+            let mut letters = Vec::new();
+            match msg {
+                Ok(Some(m)) => self.take(None, m.get_payload_bytes(), &mut letters),
+                Ok(None) => return Err(format!("subscription to '{channel}' ended")),
+                Err(_) => {}
+            }
+            dead.write(&mut conn, &letters).await?;
+            if self.due() {
+                self.flush(out).await;
+            }
+        }
+    }
+
+    /// Claims pending entries: this consumer's own (left by an earlier run
+    /// under the same name), or other consumers' entries idle past
+    /// `reclaim_after`. Entries already delivered `max_deliveries` times
+    /// become dead letters instead. Returns how many pending entries were
+    /// looked at, and the claimed entries to process.
+    async fn reclaim(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        stream: &str,
+        own: bool,
+        letters: &mut Vec<Letter>,
+    ) -> Result<(usize, Vec<Entry>), String> {
+        let idle = if own { 0 } else { self.cfg.reclaim_after.as_millis() as u64 };
+        let mut cmd = redis::cmd("XPENDING");
+        let start = if own { self.cursor.clone() } else { "-".to_string() };
+        cmd.arg(stream).arg(&self.cfg.group).arg("IDLE").arg(idle).arg(start).arg("+").arg(1000);
+        if own {
+            cmd.arg(&self.cfg.consumer);
+        }
+        let pending: Vec<(String, String, u64, u64)> =
+            cmd.query_async(&mut *conn).await.map_err(|e| e.to_string())?;
+        if let (true, Some(last)) = (own, pending.last()) {
+            self.cursor = format!("({}", last.0);
+        }
+        let chosen: Vec<&(String, String, u64, u64)> =
+            pending.iter().filter(|p| own || p.1 != self.cfg.consumer).collect();
+        if chosen.is_empty() {
+            return Ok((pending.len(), vec![]));
+        }
+        let ids: Vec<&str> = chosen.iter().map(|p| p.0.as_str()).collect();
+        let reply: redis::Value = redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(&self.cfg.group)
+            .arg(&self.cfg.consumer)
+            .arg(idle)
+            .arg(&ids)
+            .query_async(&mut *conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut take = Vec::new();
+        for (id, fields) in super::entries(reply) {
+            let deliveries = chosen.iter().find(|p| p.0 == id).map(|p| p.3).unwrap_or(0);
+            if deliveries >= u64::from(self.cfg.max_deliveries) {
+                let payload = fields
+                    .as_ref()
+                    .and_then(|f| f.iter().find(|(k, _)| k.as_slice() == self.cfg.field.as_bytes()))
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
+                let reason = format!("not acknowledged after {deliveries} deliveries");
+                letters.push(Letter { payload, reason, entry_id: Some(id) });
+            } else {
+                take.push((id, fields));
+            }
+        }
+        if !take.is_empty() {
+            tracing::info!(source = %self.cfg.node, "claimed {} pending entries", take.len());
+        }
+        Ok((pending.len(), take))
+    }
+}
+
+async fn create_group(conn: &mut MultiplexedConnection, stream: &str, group: &str) -> Result<(), String> {
+    let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match r {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other.map_err(|e| format!("cannot create consumer group '{group}' on '{stream}': {e}")),
+    }
+}
+
+/// Acknowledges entries of `stream` in `group`.
+pub async fn ack(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    ids: &[String],
+) -> redis::RedisResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    for chunk in ids.chunks(10_000) {
+        redis::cmd("XACK").arg(stream).arg(group).arg(chunk).query_async::<i64>(&mut *conn).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,320 @@
+//! A rule set compiled for streams: each rule's `when` and reason become
+//! DataFusion physical expressions once, when the set is loaded, and are then
+//! evaluated on every micro-batch with no SQL planning. Windowed rules keep
+//! per-key state between batches ([`super::window`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray};
+use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::DFSchema;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::prelude::SessionContext;
+
+use super::window::{self, Func, Windows};
+use super::{LoadedRule, RuleMode};
+use crate::error::{Diagnostic, Diagnostics};
+use crate::transform::rules::{reason_sql, version};
+
+/// A compiled windowed rule.
+struct WindowPlan {
+    by: Vec<usize>,
+    time: Option<usize>,
+    size: std::time::Duration,
+    funcs: Vec<Func>,
+    args: Vec<Option<Arc<dyn PhysicalExpr>>>,
+    /// Input schema plus one column per aggregate.
+    schema: SchemaRef,
+    /// Identifies the window so its state survives reloads that keep it.
+    signature: String,
+}
+
+/// One compiled rule.
+pub struct CompiledRule {
+    pub id: String,
+    pub severity: String,
+    pub mode: RuleMode,
+    when: Arc<dyn PhysicalExpr>,
+    reason: Arc<dyn PhysicalExpr>,
+    window: Option<WindowPlan>,
+}
+
+/// The enabled rules of a set, ready to run on batches of `input`.
+pub struct CompiledRules {
+    pub version: String,
+    pub rules: Vec<CompiledRule>,
+    /// Rules in the files, enabled or not.
+    pub total: usize,
+    key: usize,
+    input: SchemaRef,
+    output: SchemaRef,
+}
+
+/// Hits of one rule in one batch.
+pub struct Hits {
+    pub rule: String,
+    pub mode: RuleMode,
+    pub count: usize,
+}
+
+impl CompiledRules {
+    /// Compiles `rules` against `input`; `key` names the event id column.
+    pub fn build(
+        ctx: &SessionContext,
+        rules: &[LoadedRule],
+        input: SchemaRef,
+        key: &str,
+    ) -> Result<Self, Diagnostics> {
+        let mut diags = Diagnostics::default();
+        let df_schema = DFSchema::try_from(input.as_ref().clone()).map_err(|e| internal(&e))?;
+        let key_index = input.index_of(key).map_err(|_| {
+            let d = Diagnostic::error(
+                std::path::Path::new("<rules>"),
+                Default::default(),
+                format!("key column '{key}' is not in the input"),
+            );
+            Diagnostics(vec![d])
+        })?;
+        let columns: Vec<String> = input.fields().iter().map(|f| f.name().clone()).collect();
+        let mut compiled = Vec::new();
+        for lr in rules.iter().filter(|r| r.rule.enabled) {
+            match compile_rule(ctx, lr, &input, &df_schema, &columns) {
+                Ok(c) => compiled.push(c),
+                Err(msg) => {
+                    diags.push(lr.error(lr.rule.when.pos(), format!("rule '{}': {msg}", lr.rule.id.value())))
+                }
+            }
+        }
+        if diags.has_errors() {
+            return Err(diags);
+        }
+        let output = crate::plan::validate::alert_schema(&input);
+        Ok(Self {
+            version: version(rules),
+            rules: compiled,
+            total: rules.len(),
+            key: key_index,
+            input,
+            output,
+        })
+    }
+
+    pub fn output_schema(&self) -> SchemaRef {
+        self.output.clone()
+    }
+
+    /// A window state for every windowed rule, keeping what `old` had for
+    /// windows that did not change.
+    pub fn windows(&self, mut old: HashMap<String, Windows>) -> HashMap<String, Windows> {
+        self.rules
+            .iter()
+            .filter_map(|r| r.window.as_ref())
+            .map(|w| {
+                let state = old.remove(&w.signature).unwrap_or_else(|| Windows::new(w.size));
+                (w.signature.clone(), state)
+            })
+            .collect()
+    }
+
+    /// The alerts of `batch`, and the hits of every rule (shadow rules too).
+    /// `arrival_us` is the event time of windows without a time column.
+    pub fn evaluate(
+        &self,
+        batch: &RecordBatch,
+        windows: &mut HashMap<String, Windows>,
+        arrival_us: i64,
+    ) -> Result<(RecordBatch, Vec<Hits>), String> {
+        let mut alerts = Vec::new();
+        let mut hits = Vec::new();
+        for rule in &self.rules {
+            let (scope, mask) = match &rule.window {
+                None => (batch.clone(), eval_bool(&rule.when, batch)?),
+                Some(w) => {
+                    let state = windows.get_mut(&w.signature).ok_or("window state missing")?;
+                    let aug = with_aggregates(w, batch, state, arrival_us)?;
+                    let mask = eval_bool(&rule.when, &aug)?;
+                    (aug, mask)
+                }
+            };
+            let count = mask.true_count();
+            hits.push(Hits { rule: rule.id.clone(), mode: rule.mode, count });
+            if count > 0 && rule.mode == RuleMode::Live {
+                let fired = filter_record_batch(&scope, &mask).map_err(|e| e.to_string())?;
+                alerts.push(self.alert_rows(rule, &fired)?);
+            }
+        }
+        let out = concat_batches(&self.output, &alerts).map_err(|e| e.to_string())?;
+        Ok((out, hits))
+    }
+
+    fn alert_rows(&self, rule: &CompiledRule, fired: &RecordBatch) -> Result<RecordBatch, String> {
+        let n = fired.num_rows();
+        let keys = cast(fired.column(self.key), &DataType::Utf8).map_err(|e| e.to_string())?;
+        let keys = keys.as_any().downcast_ref::<StringArray>().ok_or("key as text")?;
+        let ids: StringArray = (0..n)
+            .map(|i| Some(format!("{}:{}", rule.id, if keys.is_null(i) { "" } else { keys.value(i) })))
+            .collect();
+        let reason = rule.reason.evaluate(fired).and_then(|v| v.into_array(n)).map_err(|e| e.to_string())?;
+        let repeat = |s: &str| Arc::new(StringArray::from(vec![s; n])) as ArrayRef;
+        let mut cols: Vec<ArrayRef> = vec![
+            Arc::new(ids),
+            repeat(&rule.id),
+            repeat(&rule.severity),
+            repeat(&self.version),
+            cast(&reason, &DataType::Utf8).map_err(|e| e.to_string())?,
+        ];
+        for f in self.output.fields().iter().skip(5) {
+            let i = self.input.index_of(f.name()).map_err(|e| e.to_string())?;
+            cols.push(fired.column(i).clone());
+        }
+        RecordBatch::try_new(self.output.clone(), cols).map_err(|e| e.to_string())
+    }
+}
+
+fn internal(e: &dyn std::fmt::Display) -> Diagnostics {
+    Diagnostics(vec![Diagnostic::error(std::path::Path::new("<rules>"), Default::default(), e.to_string())])
+}
+
+fn eval_bool(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Result<BooleanArray, String> {
+    let v = expr.evaluate(batch).and_then(|v| v.into_array(batch.num_rows())).map_err(|e| e.to_string())?;
+    let b = v.as_any().downcast_ref::<BooleanArray>().ok_or("'when' is not true or false")?;
+    // A NULL outcome does not fire.
+    Ok(match b.nulls() {
+        Some(nulls) => BooleanArray::new(b.values() & nulls.inner(), None),
+        None => b.clone(),
+    })
+}
+
+fn physical(ctx: &SessionContext, sql: &str, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>, String> {
+    let expr = ctx.parse_sql_expr(sql, schema).map_err(crate::transform::sql::short)?;
+    ctx.create_physical_expr(expr, schema).map_err(crate::transform::sql::short)
+}
+
+fn compile_rule(
+    ctx: &SessionContext,
+    lr: &LoadedRule,
+    input: &SchemaRef,
+    df_schema: &DFSchema,
+    columns: &[String],
+) -> Result<CompiledRule, String> {
+    let r = &lr.rule;
+    let is_column = |w: &str| columns.iter().any(|c| c == w).then(|| w.to_string());
+    let (when, reason, window) = match &r.window {
+        None => {
+            let when = physical(ctx, r.when.value(), df_schema)?;
+            let reason = physical(ctx, &reason_sql(r.when.value(), &is_column), df_schema)?;
+            (when, reason, None)
+        }
+        Some(w) => {
+            let (text, aggs) = window::rewrite(r.when.value())?;
+            let size = lr.window_size().ok_or("bad window size")?;
+            let mut fields: Vec<Field> = input.fields().iter().map(|f| f.as_ref().clone()).collect();
+            let mut args = Vec::new();
+            for (i, a) in aggs.iter().enumerate() {
+                let ty = if matches!(a.func, Func::Count | Func::CountAll) {
+                    DataType::Int64
+                } else {
+                    DataType::Float64
+                };
+                fields.push(Field::new(window::column(i), ty, true));
+                args.push(match &a.arg {
+                    Some(arg) => {
+                        Some(physical(ctx, arg, df_schema).map_err(|e| format!("in '{}': {e}", a.text))?)
+                    }
+                    None => None,
+                });
+            }
+            let schema = Arc::new(Schema::new(fields));
+            let aug = DFSchema::try_from(schema.as_ref().clone()).map_err(|e| e.to_string())?;
+            let label = |word: &str| match aggs.iter().enumerate().find(|(i, _)| window::column(*i) == word) {
+                Some((_, a)) => Some(a.text.clone()),
+                None => is_column(word),
+            };
+            let when = physical(ctx, &text, &aug)?;
+            let reason = physical(ctx, &reason_sql(&text, &label), &aug)?;
+            let index =
+                |c: &str| input.index_of(c).map_err(|_| format!("window column '{c}' is not in the input"));
+            let by = w.by.iter().map(|c| index(c)).collect::<Result<Vec<_>, _>>()?;
+            let time = w.time.as_deref().map(index).transpose()?;
+            let signature =
+                format!("{}|{:?}|{:?}|{}|{}", r.id.value(), w.by, w.time, w.size.value(), r.when.value());
+            let funcs = aggs.iter().map(|a| a.func).collect();
+            (when, reason, Some(WindowPlan { by, time, size, funcs, args, schema, signature }))
+        }
+    };
+    let ty = when
+        .data_type(window.as_ref().map(|w| w.schema.as_ref()).unwrap_or(input))
+        .map_err(|e| e.to_string())?;
+    if ty != DataType::Boolean {
+        return Err(format!("'when' must be true or false, but it gives {ty}"));
+    }
+    Ok(CompiledRule {
+        id: r.id.value().clone(),
+        severity: format!("{:?}", r.severity).to_lowercase(),
+        mode: r.mode,
+        when,
+        reason,
+        window,
+    })
+}
+
+/// `batch` plus the aggregate columns of a windowed rule, each event added to
+/// its key's window in order.
+fn with_aggregates(
+    w: &WindowPlan,
+    batch: &RecordBatch,
+    state: &mut Windows,
+    arrival_us: i64,
+) -> Result<RecordBatch, String> {
+    let n = batch.num_rows();
+    let err = |e: datafusion::error::DataFusionError| e.to_string();
+    let mut inputs: Vec<Option<Float64Array>> = Vec::new();
+    for a in &w.args {
+        inputs.push(match a {
+            None => None,
+            Some(e) => {
+                let v = e.evaluate(batch).and_then(|v| v.into_array(n)).map_err(err)?;
+                let f = cast(&v, &DataType::Float64).map_err(|e| e.to_string())?;
+                Some(f.as_any().downcast_ref::<Float64Array>().ok_or("aggregate input as float")?.clone())
+            }
+        });
+    }
+    let times: Option<Int64Array> = match w.time {
+        None => None,
+        Some(i) => {
+            let us = cast(batch.column(i), &DataType::Timestamp(TimeUnit::Microsecond, None))
+                .and_then(|a| cast(&a, &DataType::Int64))
+                .map_err(|e| e.to_string())?;
+            Some(us.as_any().downcast_ref::<Int64Array>().ok_or("event time")?.clone())
+        }
+    };
+    let key_cols: Vec<ArrayRef> = w.by.iter().map(|i| batch.column(*i).clone()).collect();
+    let fields = key_cols.iter().map(|c| SortField::new(c.data_type().clone())).collect();
+    let converter = RowConverter::new(fields).map_err(|e| e.to_string())?;
+    let keys = converter.convert_columns(&key_cols).map_err(|e| e.to_string())?;
+    let mut out: Vec<Vec<Option<f64>>> = vec![Vec::with_capacity(n); w.funcs.len()];
+    for row in 0..n {
+        let t = times.as_ref().filter(|t| t.is_valid(row)).map(|t| t.value(row)).unwrap_or(arrival_us);
+        let values =
+            inputs.iter().map(|a| a.as_ref().filter(|a| a.is_valid(row)).map(|a| a.value(row))).collect();
+        let aggs = state.add(keys.row(row).as_ref(), t, values, &w.funcs);
+        for (j, v) in aggs.into_iter().enumerate() {
+            out[j].push(v);
+        }
+    }
+    state.sweep();
+    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+    for (j, vals) in out.into_iter().enumerate() {
+        cols.push(match w.funcs[j] {
+            Func::Count | Func::CountAll => {
+                Arc::new(vals.into_iter().map(|v| v.map(|v| v as i64)).collect::<Int64Array>())
+            }
+            _ => Arc::new(vals.into_iter().collect::<Float64Array>()),
+        });
+    }
+    RecordBatch::try_new(w.schema.clone(), cols).map_err(|e| e.to_string())
+}
