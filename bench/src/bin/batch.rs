@@ -12,19 +12,12 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+use bench::{fail, psql, wait_with_rss, SERVER};
 
 fn main() {
     let n: u64 = std::env::args().nth(1).and_then(|a| a.replace('_', "").parse().ok()).unwrap_or(1_000_000);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    // The engine built beside this program (same target folder and profile).
-    let engine = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("engine")))
-        .unwrap_or_else(|| root.join("target/release/engine"));
-    if !engine.is_file() {
-        fail(&format!("{} is missing; run `cargo build --release` first", engine.display()));
-    }
+    let root = bench::root();
+    let engine = bench::engine();
     for db in ["bench_src", "bench_dwh"] {
         psql("postgres", &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
         psql("postgres", &format!("CREATE DATABASE {db}"));
@@ -115,39 +108,4 @@ fn run_engine(engine: &PathBuf, root: &PathBuf, env: &[(&str, String)], args: &[
         fail(&format!("engine {} failed:\n{err}", args.join(" ")));
     }
     (secs, rss)
-}
-
-/// Waits for one child; returns its exit status and its own peak RSS (KiB).
-fn wait_with_rss(pid: i32) -> (i32, i64) {
-    // SAFETY: wait4 writes only the status and rusage it is given, for a
-    // child of this process. std offers no way to read a child's peak
-    // memory, hence the one unsafe call.
-    #[allow(unsafe_code)]
-    let (rc, status, usage) = unsafe {
-        let mut status: libc::c_int = 0;
-        let mut u: libc::rusage = std::mem::zeroed();
-        let rc = libc::wait4(pid, &mut status, 0, &mut u);
-        (rc, status, u)
-    };
-    if rc < 0 {
-        fail("waiting for the engine failed");
-    }
-    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
-    (code, usage.ru_maxrss)
-}
-
-fn psql(db: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([&format!("{SERVER}/{db}"), "-v", "ON_ERROR_STOP=1", "-qtA", "-c", sql])
-        .output()
-        .unwrap_or_else(|e| fail(&format!("psql: {e}")));
-    if !out.status.success() {
-        fail(&format!("psql {sql}: {}", String::from_utf8_lossy(&out.stderr)));
-    }
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fail(msg: &str) -> ! {
-    eprintln!("bench: {msg}");
-    std::process::exit(1)
 }

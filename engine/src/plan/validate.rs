@@ -44,6 +44,9 @@ pub(crate) fn nodes(p: &mut Problems) {
     for (id, s) in &pl.sinks {
         sink(p, id, s);
     }
+    if pl.mode == Mode::Stream {
+        stream_shape(p);
+    }
     if let Some(q) = &pl.quarantine {
         connection_of(p, "quarantine", &q.connection, ConnectionType::Postgres);
     }
@@ -69,6 +72,49 @@ fn connection_of(p: &mut Problems, what: &str, name: &Sp<String>, want: Connecti
             let hint = suggest::hint(name.value(), p.spec.pipeline.connections.keys().map(String::as_str));
             p.error(name.pos(), format!("{what}: unknown connection '{}'{hint}", name.value()));
         }
+    }
+}
+
+/// What a stream pipeline can hold: one redis or generate source, no checks,
+/// sinks that take micro-batches.
+fn stream_shape(p: &mut Problems) {
+    let pl = &p.spec.pipeline;
+    let mut problems = Vec::new();
+    if pl.sources.len() > 1 {
+        let first = pl.sources.keys().nth(1).cloned().unwrap_or_default();
+        problems
+            .push((first.clone(), format!("source '{first}': a stream pipeline reads exactly one source")));
+    }
+    for (id, s) in &pl.sources {
+        if !matches!(s, Source::Redis(_) | Source::Generate(_)) {
+            problems.push((
+                id.clone(),
+                format!("source '{id}': a stream reads redis or generate sources, not {}", s.kind().name()),
+            ));
+        }
+        if !s.checks().is_empty() {
+            problems.push((id.clone(), format!("source '{id}': checks run in batch pipelines; in a stream, filter with a sql transform or rules")));
+        }
+    }
+    for (id, t) in &pl.transforms {
+        if !t.checks().is_empty() {
+            problems.push((id.clone(), format!("transform '{id}': checks run in batch pipelines; in a stream, filter with a sql transform or rules")));
+        }
+    }
+    for (id, s) in &pl.sinks {
+        if matches!(s, Sink::File(_) | Sink::Mongodb(_)) {
+            problems.push((
+                id.clone(),
+                format!(
+                    "sink '{id}': {} sinks are for batch runs; a stream writes to redis, postgres or stdout",
+                    s.kind().name()
+                ),
+            ));
+        }
+    }
+    for (id, msg) in problems {
+        let at = p.id_pos(&id);
+        p.error(at, msg);
     }
 }
 

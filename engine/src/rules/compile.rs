@@ -30,7 +30,12 @@ pub async fn check_against(rules: &[LoadedRule], schema: SchemaRef, key: &str) -
             diags.push(lr.error(pos, format!("rule '{}': {msg}", lr.rule.id.value())));
         }
     }
-    if !diags.has_errors() && schema.index_of(key).is_ok() {
+    // Rules with problems found when they were read are not compiled again.
+    let read_clean = rules.iter().all(|lr| {
+        sql::parse_expr(lr.rule.when.value()).is_ok()
+            && (lr.rule.window.is_none() || lr.window_size().is_some())
+    });
+    if read_clean && !diags.has_errors() && schema.index_of(key).is_ok() {
         if let Err(d) = super::eval::CompiledRules::build(&crate::stream::session(), rules, schema, key) {
             diags.extend(d);
         }

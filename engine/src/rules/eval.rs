@@ -318,3 +318,81 @@ fn with_aggregates(
     }
     RecordBatch::try_new(w.schema.clone(), cols).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::TimestampMicrosecondArray;
+
+    fn schema() -> SchemaRef {
+        let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+        Arc::new(Schema::new(vec![
+            Field::new("transaction_id", DataType::Int64, false),
+            Field::new("customer_id", DataType::Int64, false),
+            Field::new("amount", DataType::Float64, false),
+            Field::new("timestamp", ts, false),
+        ]))
+    }
+
+    fn batch(rows: &[(i64, i64, f64, i64)]) -> RecordBatch {
+        let col = |f: fn(&(i64, i64, f64, i64)) -> i64| {
+            Arc::new(rows.iter().map(f).collect::<Int64Array>()) as ArrayRef
+        };
+        let amounts: Float64Array = rows.iter().map(|r| r.2).collect();
+        let times = TimestampMicrosecondArray::from(rows.iter().map(|r| r.3 * 1_000_000).collect::<Vec<_>>())
+            .with_timezone("UTC");
+        RecordBatch::try_new(schema(), vec![col(|r| r.0), col(|r| r.1), Arc::new(amounts), Arc::new(times)])
+            .unwrap()
+    }
+
+    fn compiled(files: &[(&str, &str)]) -> CompiledRules {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, body) in files {
+            std::fs::write(dir.path().join(name), body).unwrap();
+        }
+        let (set, diags) = super::super::load(&super::super::files(dir.path()).unwrap());
+        assert!(!diags.has_errors(), "{diags}");
+        CompiledRules::build(&crate::stream::session(), &set, schema(), "transaction_id").unwrap()
+    }
+
+    fn column(b: &RecordBatch, name: &str) -> Vec<String> {
+        let a = cast(b.column(b.schema().index_of(name).unwrap()), &DataType::Utf8).unwrap();
+        let s = a.as_any().downcast_ref::<StringArray>().unwrap();
+        (0..s.len()).map(|i| s.value(i).to_string()).collect()
+    }
+
+    #[test]
+    fn windows_carry_over_between_batches_and_shadow_rules_only_count() {
+        let rules = compiled(&[
+            ("rapid.yaml", "id: rapid\nseverity: medium\nwindow: { by: [customer_id], size: 60s, time: timestamp }\nwhen: count(*) > 2 AND sum(amount) > 100\n"),
+            ("big.yaml", "id: big\nseverity: high\nmode: shadow\nwhen: amount > 50\n"),
+        ]);
+        let mut windows = rules.windows(HashMap::new());
+        let (a, hits) = rules
+            .evaluate(&batch(&[(1, 7, 60.0, 0), (2, 8, 1.0, 1), (3, 7, 30.0, 10)]), &mut windows, 0)
+            .unwrap();
+        assert_eq!(a.num_rows(), 0);
+        assert_eq!(hits.iter().find(|h| h.rule == "big").map(|h| h.count), Some(1));
+        let (a, _) = rules.evaluate(&batch(&[(4, 7, 20.0, 20), (5, 7, 5.0, 200)]), &mut windows, 0).unwrap();
+        assert_eq!(column(&a, "alert_id"), vec!["rapid:4"]);
+        assert_eq!(column(&a, "reason"), vec!["count(*) 3 > 2 AND sum(amount) 110.0 > 100"]);
+        assert_eq!(column(&a, "severity"), vec!["medium"]);
+        assert_eq!(column(&a, "rules_version"), vec![rules.version.clone()]);
+    }
+
+    #[test]
+    fn reloading_keeps_unchanged_windows() {
+        let rapid = (
+            "rapid.yaml",
+            "id: rapid\nseverity: low\nwindow: { by: [customer_id], size: 60s }\nwhen: count(*) > 1\n",
+        );
+        let first = compiled(&[rapid]);
+        let mut windows = first.windows(HashMap::new());
+        let (a, _) = first.evaluate(&batch(&[(1, 7, 1.0, 0)]), &mut windows, 0).unwrap();
+        assert_eq!(a.num_rows(), 0);
+        let second = compiled(&[rapid, ("big.yaml", "id: big\nseverity: high\nwhen: amount > 1000\n")]);
+        let mut windows = second.windows(windows);
+        let (a, _) = second.evaluate(&batch(&[(2, 7, 1.0, 1)]), &mut windows, 1_000_000).unwrap();
+        assert_eq!(column(&a, "alert_id"), vec!["rapid:2"]);
+    }
+}

@@ -47,14 +47,29 @@ pub struct Spec {
 }
 
 impl Spec {
-    /// Resolves a path written in the spec against the spec's folder.
+    /// Resolves a path written in the spec against the spec's folder
+    /// (`pipelines/../rules` becomes `rules`, as messages show it).
     pub fn resolve(&self, path: &str) -> PathBuf {
         let p = Path::new(path);
         if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.dir.join(p)
+            return p.to_path_buf();
         }
+        let mut out = PathBuf::new();
+        for c in self.dir.join(p).components() {
+            match c {
+                std::path::Component::ParentDir
+                    if matches!(out.components().next_back(), Some(std::path::Component::Normal(_))) =>
+                {
+                    out.pop();
+                }
+                std::path::Component::CurDir => {}
+                other => out.push(other),
+            }
+        }
+        if out.as_os_str().is_empty() {
+            out.push(".");
+        }
+        out
     }
 }
 

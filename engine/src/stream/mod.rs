@@ -122,7 +122,7 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
     let pipeline = &plan.spec.pipeline;
     let (source_id, source) = match pipeline.sources.iter().collect::<Vec<_>>().as_slice() {
         [(id, s)] => ((*id).clone(), (*s).clone()),
-        _ => return Err(Error::Usage("a stream pipeline reads exactly one source".into())),
+        _ => return Err(Error::Internal("a stream pipeline with several sources passed validation".into())),
     };
     let source_schema = plan
         .schemas
@@ -284,13 +284,6 @@ async fn build(
         HashMap::from([(source_id.to_string(), source_schema.clone())]);
     let (mut ops, mut sinks, mut statuses) = (Vec::new(), Vec::new(), Vec::new());
     for id in plan.order() {
-        if let Some(t) = pipeline.transforms.get(&id) {
-            if !t.checks().is_empty() {
-                return Err(Error::Usage(format!(
-                    "transform '{id}': checks run in batch pipelines; in a stream, filter with a sql transform or rules"
-                )));
-            }
-        }
         match pipeline.transforms.get(&id) {
             Some(Transform::Rules(r)) => {
                 let input = r.input.value().clone();
@@ -332,13 +325,6 @@ async fn build(
                     sinks.push(SinkOp::new(&plan.spec, &id, s)?);
                 }
             }
-        }
-    }
-    if let Some(s) = pipeline.sources.get(source_id) {
-        if !s.checks().is_empty() {
-            return Err(Error::Usage(format!(
-                "source '{source_id}': checks run in batch pipelines; in a stream, filter with a sql transform or rules"
-            )));
         }
     }
     Ok((ops, sinks, statuses))
@@ -403,8 +389,8 @@ fn spawn_source(
             let g = g.clone();
             Ok(tokio::spawn(generate(g, schema, tx, control.shutdown, limit)))
         }
-        other => Err(Error::Usage(format!(
-            "source '{id}': {} sources are read by batch runs; a stream reads redis or generate",
+        other => Err(Error::Internal(format!(
+            "source '{id}': {} in a stream passed validation",
             other.kind().name()
         ))),
     }

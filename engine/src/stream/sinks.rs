@@ -56,8 +56,8 @@ impl SinkOp {
             }
             Sink::Stdout(s) => Kind::Stdout(s.clone()),
             Sink::File(_) | Sink::Mongodb(_) => {
-                return Err(Error::Usage(format!(
-                    "sink '{id}': {} sinks are for batch runs; a stream writes to redis, postgres or stdout",
+                return Err(Error::Internal(format!(
+                    "sink '{id}': {} in a stream passed validation",
                     sink.kind().name()
                 )))
             }

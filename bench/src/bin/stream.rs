@@ -1,0 +1,428 @@
+//! The stream benchmark: `engine stream` with 20 rules (2 windowed), alerts to
+//! Redis and PostgreSQL, on Redis Streams and on Pub/Sub, against a bare
+//! consumer measured in the same run: the same redis crate reading and
+//! discarding the same messages (XREADGROUP + XACK, or SUBSCRIBE).
+//!
+//! Prints, per transport: events/s sustained (engine and bare, and their
+//! ratio), end-to-end latency p50/p99 at a fixed 5,000 events/s (event
+//! published -> its alert received on the alerts channel), and the engine's
+//! peak RSS.
+//!
+//! Usage: `cargo run --release -p bench --bin stream -- [EVENTS]` (default
+//! 1000000). It needs the services of `scripts/services` and a release build
+//! of the engine; it uses its own Redis keys (`bench.*`) and database
+//! (`bench_stream`).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bench::{fail, psql, wait_with_rss, SERVER};
+const STREAM: &str = "bench.tx";
+const CHANNEL: &str = "bench.tx.channel";
+const ALERTS: &str = "bench.alerts";
+const LATENCY_RATE: u64 = 5000;
+const LATENCY_SECS: u64 = 10;
+
+fn main() {
+    let n: u64 = std::env::args().nth(1).and_then(|a| a.replace('_', "").parse().ok()).unwrap_or(1_000_000);
+    let root = bench::root();
+    let engine = bench::engine();
+    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let client = redis::Client::open(redis_url.as_str()).unwrap_or_else(|e| fail(&format!("redis: {e}")));
+    let mut conn = client.get_connection().unwrap_or_else(|e| fail(&format!("redis: {e}")));
+    let work = std::env::temp_dir().join(format!("bench-stream-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap_or_else(|e| fail(&format!("{}: {e}", work.display())));
+    let rules = root.join("bench/stream/rules");
+    let payloads: Vec<String> = (0..n).map(event).collect();
+    let large = payloads.iter().filter(|p| amount_of(p) > 2000.0).count();
+    println!("{n} events, {large} above $2,000; 20 rules (2 windowed, 1 shadow, 1 disabled)");
+
+    // Redis Streams.
+    reset(&mut conn);
+    let started = Instant::now();
+    for chunk in payloads.chunks(5000) {
+        let mut pipe = redis::pipe();
+        for p in chunk {
+            pipe.cmd("XADD").arg(STREAM).arg("*").arg("payload").arg(p).ignore();
+        }
+        pipe.query::<()>(&mut conn).unwrap_or_else(|e| fail(&format!("XADD: {e}")));
+    }
+    println!("loaded the stream in {:.1}s", started.elapsed().as_secs_f64());
+    let bare_streams = bare_stream_consumer(&mut conn, n);
+    let spec =
+        write_spec(&work, "streams", &redis_url, &rules, &format!("stream: {STREAM}\n    group: fraud"));
+    let started = Instant::now();
+    let child = spawn_engine(&engine, &spec, &["--max-events", &n.to_string()]);
+    let (_, rss_streams) = finish(child);
+    let engine_streams = n as f64 / started.elapsed().as_secs_f64();
+    check_alerts(large);
+
+    // Pub/Sub.
+    let limit: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("client-output-buffer-limit")
+        .query(&mut conn)
+        .unwrap_or_default();
+    // A subscriber that falls behind a fast publisher is disconnected at
+    // 32 MB of backlog by default; the throughput runs lift that limit.
+    let _: redis::RedisResult<()> = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("client-output-buffer-limit")
+        .arg("pubsub 0 0 0")
+        .query(&mut conn);
+    reset(&mut conn);
+    let bare_pubsub = bare_subscriber(&client, &mut conn, &payloads);
+    let spec_ps = write_spec(&work, "pubsub", &redis_url, &rules, &format!("channel: {CHANNEL}"));
+    let child = spawn_engine(&engine, &spec_ps, &["--max-events", &n.to_string()]);
+    wait_subscribed(&mut conn, CHANNEL);
+    let started = Instant::now();
+    publish_all(&mut conn, &payloads);
+    let (_, rss_pubsub) = finish(child);
+    let engine_pubsub = n as f64 / started.elapsed().as_secs_f64();
+    check_alerts(large);
+    if limit.len() == 2 {
+        let _: redis::RedisResult<()> =
+            redis::cmd("CONFIG").arg("SET").arg(&limit[0]).arg(&limit[1]).query(&mut conn);
+    }
+
+    // Latency at a fixed rate.
+    reset(&mut conn);
+    let (p50_s, p99_s, rss_ls) = latency(&client, &engine, &spec, false, n);
+    reset(&mut conn);
+    let (p50_p, p99_p, rss_lp) = latency(&client, &engine, &spec_ps, true, n);
+
+    let rss = |k: i64| k as f64 / 1024.0;
+    println!();
+    println!("                                bare consumer     engine     ratio");
+    println!(
+        "Redis Streams events/s          {bare_streams:>13.0} {engine_streams:>10.0} {:>9.2}",
+        engine_streams / bare_streams
+    );
+    println!(
+        "Redis Pub/Sub events/s          {bare_pubsub:>13.0} {engine_pubsub:>10.0} {:>9.2}",
+        engine_pubsub / bare_pubsub
+    );
+    println!();
+    println!("latency at {LATENCY_RATE} events/s, event published -> alert received:");
+    println!("  Redis Streams                 p50 {p50_s:>6.1} ms   p99 {p99_s:>6.1} ms");
+    println!("  Redis Pub/Sub                 p50 {p50_p:>6.1} ms   p99 {p99_p:>6.1} ms");
+    println!();
+    println!(
+        "engine peak RSS                 Streams {:.0} MiB, Pub/Sub {:.0} MiB (latency runs {:.0} / {:.0} MiB)",
+        rss(rss_streams),
+        rss(rss_pubsub),
+        rss(rss_ls),
+        rss(rss_lp)
+    );
+    println!("targets: ratio >= 0.50, Streams >= 100000 events/s, p99 < 50 ms");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Event `i`: deterministic, one customer in 100,000, about 4% above $2,000,
+/// event times 1 ms apart.
+fn event(i: u64) -> String {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let customer = next() % 100_000 + 1;
+    let merchant = next() % 2000 + 1;
+    let cents = if next() % 100 < 4 { 200_001 + next() % 700_000 } else { 100 + next() % 199_900 };
+    let currency = ["USD", "EUR", "GBP"][(next() % 3) as usize];
+    let ms = 1_795_000_000_000u64 + i;
+    format!(
+        r#"{{"transaction_id": {i}, "customer_id": {customer}, "merchant_id": "M{merchant:06}", "amount": {}.{:02}, "currency": "{currency}", "timestamp": "{}"}}"#,
+        cents / 100,
+        cents % 100,
+        rfc3339(ms)
+    )
+}
+
+fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, ms % 1000)
+}
+
+fn amount_of(payload: &str) -> f64 {
+    let v: serde_json::Value = serde_json::from_str(payload).unwrap_or_default();
+    v["amount"].as_f64().unwrap_or(0.0)
+}
+
+fn reset(conn: &mut redis::Connection) {
+    let _: redis::RedisResult<()> = redis::cmd("DEL").arg(STREAM).arg(format!("{STREAM}.dlq")).query(conn);
+    psql("postgres", "DROP DATABASE IF EXISTS bench_stream WITH (FORCE)");
+    psql("postgres", "CREATE DATABASE bench_stream");
+}
+
+fn write_spec(dir: &Path, name: &str, redis_url: &str, rules: &Path, source: &str) -> PathBuf {
+    let root = bench::root();
+    let spec = format!(
+        r#"version: 1
+name: bench_{name}
+mode: stream
+connections:
+  bus: {{ type: redis, url: "{redis_url}" }}
+  dwh: {{ type: postgres, url: "{SERVER}/bench_stream", migrations: "{migrations}" }}
+sources:
+  transactions:
+    connection: bus
+    {source}
+    schema:
+      transaction_id: {{ type: int64, required: true }}
+      customer_id: {{ type: int64, required: true }}
+      merchant_id: {{ type: string, required: true }}
+      amount: {{ type: decimal(12,2), required: true }}
+      currency: {{ type: string, required: true }}
+      timestamp: {{ type: timestamp, required: true }}
+    dead_letter: {{ stream: {STREAM}.dlq }}
+    batch: {{ max_rows: 1000, max_wait: 20ms }}
+transforms:
+  flagged: {{ input: transactions, rules: "{rules}", key: transaction_id }}
+  alerts:
+    sql: |
+      SELECT alert_id, transaction_id, customer_id, amount, rule_id, severity,
+             rules_version, reason, now() AS alerted_at
+      FROM flagged
+sinks:
+  alerts_bus: {{ input: alerts, connection: bus, channel: {ALERTS} }}
+  alerts_table: {{ input: alerts, connection: dwh, table: fraud_alerts, mode: upsert, key: [alert_id] }}
+"#,
+        migrations = root.join("migrations/dwh").display(),
+        rules = rules.display(),
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, spec).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
+    path
+}
+
+fn spawn_engine(engine: &Path, spec: &Path, args: &[&str]) -> Child {
+    Command::new(engine)
+        .arg("stream")
+        .arg(spec)
+        .args(args)
+        .env("ENGINE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| fail(&format!("cannot start the engine: {e}")))
+}
+
+/// Waits for the engine; returns its exit status and peak RSS (KiB).
+fn finish(child: Child) -> (i32, i64) {
+    let (status, rss) = wait_with_rss(child.id() as i32);
+    if status != 0 {
+        fail(&format!("the engine exited with status {status}"));
+    }
+    (status, rss)
+}
+
+/// Every large amount has its one `large_amount` alert in PostgreSQL.
+fn check_alerts(large: usize) {
+    let got = psql("bench_stream", "SELECT count(*) FROM fraud_alerts WHERE rule_id = 'large_amount'");
+    if got.trim() != large.to_string() {
+        fail(&format!("{} large_amount alerts in fraud_alerts, expected {large}", got.trim()));
+    }
+}
+
+/// XREADGROUP + XACK, discarding the entries: the most a consumer of this
+/// stream can do with this client library on this machine.
+fn bare_stream_consumer(conn: &mut redis::Connection, n: u64) -> f64 {
+    let _: redis::RedisResult<()> =
+        redis::cmd("XGROUP").arg("CREATE").arg(STREAM).arg("bare").arg("0").query(conn);
+    let started = Instant::now();
+    let mut read = 0u64;
+    while read < n {
+        let reply: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("bare")
+            .arg("c1")
+            .arg("COUNT")
+            .arg(1000)
+            .arg("BLOCK")
+            .arg(1000)
+            .arg("STREAMS")
+            .arg(STREAM)
+            .arg(">")
+            .query(conn)
+            .unwrap_or_else(|e| fail(&format!("XREADGROUP: {e}")));
+        let ids = entry_ids(reply);
+        if ids.is_empty() {
+            fail("the bare consumer found the stream empty");
+        }
+        read += ids.len() as u64;
+        let _: i64 = redis::cmd("XACK").arg(STREAM).arg("bare").arg(&ids).query(conn).unwrap_or(0);
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+fn entry_ids(reply: redis::Value) -> Vec<Vec<u8>> {
+    let arr = |v: redis::Value| match v {
+        redis::Value::Array(a) => a,
+        _ => vec![],
+    };
+    let mut out = Vec::new();
+    for stream in arr(reply) {
+        for entries in arr(stream).into_iter().skip(1) {
+            for e in arr(entries) {
+                if let Some(redis::Value::BulkString(id)) = arr(e).into_iter().next() {
+                    out.push(id);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn publish_all(conn: &mut redis::Connection, payloads: &[String]) {
+    for chunk in payloads.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for p in chunk {
+            pipe.cmd("PUBLISH").arg(CHANNEL).arg(p).ignore();
+        }
+        pipe.query::<()>(conn).unwrap_or_else(|e| fail(&format!("PUBLISH: {e}")));
+    }
+}
+
+fn wait_subscribed(conn: &mut redis::Connection, channel: &str) {
+    let started = Instant::now();
+    loop {
+        let subs: Vec<(String, i64)> =
+            redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query(conn).unwrap_or_default();
+        if subs.first().is_some_and(|(_, n)| *n > 0) {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            fail(&format!("nobody subscribed to {channel}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SUBSCRIBE and count the messages, discarding them.
+fn bare_subscriber(client: &redis::Client, conn: &mut redis::Connection, payloads: &[String]) -> f64 {
+    let n = payloads.len();
+    let mut sub = client.get_connection().unwrap_or_else(|e| fail(&format!("redis: {e}")));
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut ps = sub.as_pubsub();
+        ps.subscribe(CHANNEL).unwrap_or_else(|e| fail(&format!("SUBSCRIBE: {e}")));
+        let _ = tx.send(());
+        let mut got = 0;
+        while got < n {
+            if ps.get_message().is_ok() {
+                got += 1;
+            }
+        }
+    });
+    let _ = rx.recv();
+    wait_subscribed(conn, CHANNEL);
+    let started = Instant::now();
+    publish_all(conn, payloads);
+    let _ = reader.join();
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Runs the engine with no limit, publishes at LATENCY_RATE for
+/// LATENCY_SECS, and times each event to its first alert on the alerts
+/// channel. Returns p50 and p99 in ms, and the engine's peak RSS.
+fn latency(
+    client: &redis::Client,
+    engine: &Path,
+    spec: &Path,
+    pubsub: bool,
+    first_id: u64,
+) -> (f64, f64, i64) {
+    let mut conn = client.get_connection().unwrap_or_else(|e| fail(&format!("redis: {e}")));
+    let mut sub = client.get_connection().unwrap_or_else(|e| fail(&format!("redis: {e}")));
+    let (tx, rx) = mpsc::channel::<(u64, Instant)>();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut ps = sub.as_pubsub();
+        ps.subscribe(ALERTS).unwrap_or_else(|e| fail(&format!("SUBSCRIBE: {e}")));
+        let _ = ready_tx.send(());
+        while let Ok(m) = ps.get_message() {
+            let payload: String = m.get_payload().unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&payload).unwrap_or_default();
+            if let Some(id) = v["transaction_id"].as_u64() {
+                if tx.send((id, Instant::now())).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let _ = ready_rx.recv();
+    let child = spawn_engine(engine, spec, &[]);
+    if pubsub {
+        wait_subscribed(&mut conn, CHANNEL);
+    } else {
+        // The engine creates its group on start; give it that moment.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let total = LATENCY_RATE * LATENCY_SECS;
+    let mut sent: HashMap<u64, Instant> = HashMap::with_capacity(total as usize);
+    let started = Instant::now();
+    for k in 0..total {
+        let due = started + Duration::from_secs_f64(k as f64 / LATENCY_RATE as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let id = first_id + 1_000_000 + k;
+        let payload = event(id);
+        let cmd = if pubsub {
+            redis::cmd("PUBLISH").arg(CHANNEL).arg(&payload).query::<i64>(&mut conn).map(|_| ())
+        } else {
+            redis::cmd("XADD")
+                .arg(STREAM)
+                .arg("*")
+                .arg("payload")
+                .arg(&payload)
+                .query::<String>(&mut conn)
+                .map(|_| ())
+        };
+        cmd.unwrap_or_else(|e| fail(&format!("publish: {e}")));
+        sent.insert(id, Instant::now());
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let (_, rss) = finish(child);
+    let mut lat: Vec<f64> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    while let Ok((id, at)) = rx.try_recv() {
+        if let Some(s) = sent.get(&id) {
+            if seen.insert(id) {
+                lat.push(at.duration_since(*s).as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    if lat.is_empty() {
+        fail("no alerts arrived in the latency run");
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    println!(
+        "{}: published at {rate:.0} events/s, {} alerted events timed",
+        if pubsub { "Pub/Sub" } else { "Streams" },
+        lat.len()
+    );
+    let _ = std::io::stdout().flush();
+    (pct(0.50), pct(0.99), rss)
+}
