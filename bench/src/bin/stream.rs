@@ -31,8 +31,7 @@ fn main() {
     let n: u64 = std::env::args().nth(1).and_then(|a| a.replace('_', "").parse().ok()).unwrap_or(1_000_000);
     let root = bench::root();
     let engine = bench::engine();
-    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let client = redis::Client::open(redis_url.as_str()).unwrap_or_else(|e| fail(&format!("redis: {e}")));
+    let client = redis::Client::open(redis_url()).unwrap_or_else(|e| fail(&format!("redis: {e}")));
     let mut conn = client.get_connection().unwrap_or_else(|e| fail(&format!("redis: {e}")));
     let work = std::env::temp_dir().join(format!("bench-stream-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap_or_else(|e| fail(&format!("{}: {e}", work.display())));
@@ -53,8 +52,7 @@ fn main() {
     }
     println!("loaded the stream in {:.1}s", started.elapsed().as_secs_f64());
     let bare_streams = bare_stream_consumer(&mut conn, n);
-    let spec =
-        write_spec(&work, "streams", &redis_url, &rules, &format!("stream: {STREAM}\n    group: fraud"));
+    let spec = write_spec(&work, "streams", &rules, &format!("stream: {STREAM}\n    group: fraud"));
     let started = Instant::now();
     let child = spawn_engine(&engine, &spec, &["--max-events", &n.to_string()]);
     let (_, rss_streams) = finish(child);
@@ -76,7 +74,7 @@ fn main() {
         .query(&mut conn);
     reset(&mut conn);
     let bare_pubsub = bare_subscriber(&client, &mut conn, &payloads);
-    let spec_ps = write_spec(&work, "pubsub", &redis_url, &rules, &format!("channel: {CHANNEL}"));
+    let spec_ps = write_spec(&work, "pubsub", &rules, &format!("channel: {CHANNEL}"));
     let child = spawn_engine(&engine, &spec_ps, &["--max-events", &n.to_string()]);
     wait_subscribed(&mut conn, CHANNEL);
     let started = Instant::now();
@@ -120,6 +118,10 @@ fn main() {
     );
     println!("targets: ratio >= 0.50, Streams >= 100000 events/s, p99 < 50 ms");
     let _ = std::fs::remove_dir_all(&work);
+}
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
 /// Event `i`: deterministic, one customer in 100,000, about 4% above $2,000,
@@ -172,42 +174,31 @@ fn reset(conn: &mut redis::Connection) {
     psql("postgres", "CREATE DATABASE bench_stream");
 }
 
-fn write_spec(dir: &Path, name: &str, redis_url: &str, rules: &Path, source: &str) -> PathBuf {
+/// `pipelines/fraud.yaml` with the benchmark's rules, stream or channel,
+/// dead letter and alerts channel.
+fn write_spec(dir: &Path, name: &str, rules: &Path, source: &str) -> PathBuf {
     let root = bench::root();
-    let spec = format!(
-        r#"version: 1
-name: bench_{name}
-mode: stream
-connections:
-  bus: {{ type: redis, url: "{redis_url}" }}
-  dwh: {{ type: postgres, url: "{SERVER}/bench_stream", migrations: "{migrations}" }}
-sources:
-  transactions:
-    connection: bus
-    {source}
-    schema:
-      transaction_id: {{ type: int64, required: true }}
-      customer_id: {{ type: int64, required: true }}
-      merchant_id: {{ type: string, required: true }}
-      amount: {{ type: decimal(12,2), required: true }}
-      currency: {{ type: string, required: true }}
-      timestamp: {{ type: timestamp, required: true }}
-    dead_letter: {{ stream: {STREAM}.dlq }}
-    batch: {{ max_rows: 1000, max_wait: 20ms }}
-transforms:
-  flagged: {{ input: transactions, rules: "{rules}", key: transaction_id }}
-  alerts:
-    sql: |
-      SELECT alert_id, transaction_id, customer_id, amount, rule_id, severity,
-             rules_version, reason, now() AS alerted_at
-      FROM flagged
-sinks:
-  alerts_bus: {{ input: alerts, connection: bus, channel: {ALERTS} }}
-  alerts_table: {{ input: alerts, connection: dwh, table: fraud_alerts, mode: upsert, key: [alert_id] }}
-"#,
-        migrations = root.join("migrations/dwh").display(),
-        rules = rules.display(),
-    );
+    let mut spec = std::fs::read_to_string(root.join("pipelines/fraud.yaml"))
+        .unwrap_or_else(|e| fail(&format!("pipelines/fraud.yaml: {e}")));
+    let edits = [
+        ("rules: ../rules/fraud", format!("rules: \"{}\"", rules.display())),
+        (
+            "migrations: ../migrations/dwh",
+            format!("migrations: \"{}\"", root.join("migrations/dwh").display()),
+        ),
+        ("    stream: financial_transactions\n    group: fraud\n", format!("    {source}\n")),
+        (
+            "dead_letter: { stream: financial_transactions.dlq }",
+            format!("dead_letter: {{ stream: {STREAM}.dlq }}"),
+        ),
+        ("channel: fraud_alerts", format!("channel: {ALERTS}")),
+    ];
+    for (from, to) in edits {
+        if !spec.contains(from) {
+            fail(&format!("pipelines/fraud.yaml no longer has {from:?}"));
+        }
+        spec = spec.replace(from, &to);
+    }
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, spec).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
     path
@@ -219,6 +210,8 @@ fn spawn_engine(engine: &Path, spec: &Path, args: &[&str]) -> Child {
         .arg(spec)
         .args(args)
         .env("ENGINE_LOG", "warn")
+        .env("REDIS_URL", redis_url())
+        .env("DWH_DATABASE_URL", format!("{SERVER}/bench_stream"))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -74,6 +74,18 @@ pub async fn compile(path: &Path, opts: &LoadOptions) -> Result<Plan> {
     Ok(plan)
 }
 
+/// [`compile`], for a command that runs pipelines of one `mode`.
+pub async fn compile_for(path: &Path, opts: &LoadOptions, mode: crate::spec::model::Mode) -> Result<Plan> {
+    use crate::spec::model::Mode;
+    let plan = compile(path, opts).await?;
+    let hint = match plan.spec.pipeline.mode {
+        m if m == mode => return Ok(plan),
+        Mode::Stream => "a stream pipeline; run it with `engine stream`",
+        Mode::Batch => "a batch pipeline; run it with `engine run` (or set 'mode: stream')",
+    };
+    Err(Error::Usage(format!("'{}' is {hint}", path.display())))
+}
+
 /// Runs the command line; returns the exit status.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {

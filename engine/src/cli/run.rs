@@ -31,13 +31,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<i32> {
-    let plan = super::compile(&args.spec_file, &args.spec.load_options()?).await?;
-    if plan.spec.pipeline.mode == Mode::Stream {
-        return Err(Error::Usage(format!(
-            "'{}' is a stream pipeline; run it with `engine stream`",
-            args.spec_file.display()
-        )));
-    }
+    let plan = super::compile_for(&args.spec_file, &args.spec.load_options()?, Mode::Batch).await?;
     let opts = RunOptions {
         select: args.select,
         dry_run: args.dry_run,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::SpecArgs;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::spec::model::Mode;
 use crate::stream::{self, StreamOptions};
 
@@ -34,13 +34,7 @@ fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 }
 
 pub async fn run(args: Args) -> Result<i32> {
-    let plan = super::compile(&args.spec_file, &args.spec.load_options()?).await?;
-    if plan.spec.pipeline.mode != Mode::Stream {
-        return Err(Error::Usage(format!(
-            "'{}' is a batch pipeline; run it with `engine run` (or set 'mode: stream')",
-            args.spec_file.display()
-        )));
-    }
+    let plan = super::compile_for(&args.spec_file, &args.spec.load_options()?, Mode::Stream).await?;
     let opts = StreamOptions {
         metrics_addr: args.metrics_addr,
         max_events: args.max_events,

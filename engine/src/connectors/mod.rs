@@ -74,6 +74,18 @@ fn mongo_connection<'a>(spec: &'a Spec, name: &'a str) -> Result<(&'a str, &'a s
     }
 }
 
+/// An error of connection `name` to a `system` (postgres, mongodb, redis):
+/// it names the connection and shows its URL and message without the password.
+pub fn external(system: &str, name: &str, url: &str, e: impl std::fmt::Display) -> Error {
+    let msg = e.to_string();
+    let msg = match crate::spec::redact::url_password(url) {
+        Some(p) => msg.replace(&p, "***"),
+        None => msg,
+    };
+    let url = crate::spec::redact::redact_url(url);
+    Error::External { system: format!("{system} connection '{name}' ({url})"), message: msg }
+}
+
 /// A DataFusion error from reading or computing data.
 pub fn df_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::External { system: what.to_string(), message: crate::transform::sql::short(e) }

@@ -24,15 +24,11 @@ use mongodb::bson::{self, Bson, Document};
 use crate::error::{Error, Result};
 use crate::plan::schema::from_declared;
 use crate::spec::model::{MongoSink, MongoSource, WriteMode};
-use crate::spec::redact::redact_url;
 
 const BATCH_ROWS: usize = 8192;
 
 fn external(name: &str, url: &str, e: impl std::fmt::Display) -> Error {
-    Error::External {
-        system: format!("mongodb connection '{name}' ({})", redact_url(url)),
-        message: e.to_string(),
-    }
+    super::external("mongodb", name, url, e)
 }
 
 async fn collection(

@@ -32,13 +32,24 @@ fn xadd(c: &mut redis::Connection, stream: &str, payload: &str) {
     redis::cmd("XADD").arg(stream).arg("*").arg("payload").arg(payload).query::<String>(c).expect("XADD");
 }
 
-/// A stream spec like `pipelines/fraud.yaml`, on its own stream, group,
-/// database and rules folder.
+/// `pipelines/fraud.yaml` on its own stream, group, database and rules
+/// folder, with the source keys a test needs.
 struct Setup {
     dir: PathBuf,
     db: String,
     stream: String,
     spec: PathBuf,
+    redis_url: String,
+    dwh_url: String,
+}
+
+/// `text` with each `(from, to)` replaced; `from` must be there.
+fn replaced(mut text: String, edits: &[(&str, String)]) -> String {
+    for (from, to) in edits {
+        assert!(text.contains(from), "pipelines/fraud.yaml no longer has {from:?}");
+        text = text.replace(from, to);
+    }
+    text
 }
 
 impl Setup {
@@ -51,52 +62,48 @@ impl Setup {
         std::fs::create_dir_all(dir.join("rules")).expect("rules dir");
         std::fs::copy(repo_dir().join("rules/fraud/large_amount.yaml"), dir.join("rules/large_amount.yaml"))
             .expect("copy rule");
-        let dwh = dwh_url.unwrap_or_else(|| format!("{}/{db}", server()));
-        let migrations = repo_dir().join("migrations/dwh");
-        let spec = format!(
-            r#"version: 1
-name: fraud_{name}
-mode: stream
-connections:
-  bus: {{ type: redis, url: "{redis}" }}
-  dwh: {{ type: postgres, url: "{dwh}", migrations: "{migrations}" }}
-sources:
-  transactions:
-    connection: bus
-    {source_extra}
-    schema:
-      transaction_id: {{ type: int64, required: true }}
-      customer_id: {{ type: int64, required: true }}
-      merchant_id: {{ type: string, required: true }}
-      amount: {{ type: decimal(12,2), required: true }}
-      currency: {{ type: string, required: true }}
-      timestamp: {{ type: timestamp, required: true }}
-    batch: {{ max_rows: 200, max_wait: 20ms }}
-transforms:
-  flagged: {{ input: transactions, rules: rules, key: transaction_id }}
-  alerts:
-    sql: SELECT alert_id, transaction_id, customer_id, amount, rule_id, severity, rules_version, reason, now() AS alerted_at FROM flagged
-sinks:
-  alerts_bus: {{ input: alerts, connection: bus, channel: "{stream}.alerts" }}
-  alerts_table: {{ input: alerts, connection: dwh, table: fraud_alerts, mode: upsert, key: [alert_id] }}
-"#,
-            redis = redis_url(),
-            migrations = migrations.display(),
-            source_extra = source_extra.replace("$STREAM", &stream),
+        let fraud = std::fs::read_to_string(repo_dir().join("pipelines/fraud.yaml")).expect("fraud.yaml");
+        let spec = replaced(
+            fraud,
+            &[
+                ("rules: ../rules/fraud", "rules: rules".into()),
+                (
+                    "migrations: ../migrations/dwh",
+                    format!("migrations: \"{}\"", repo_dir().join("migrations/dwh").display()),
+                ),
+                (
+                    "    stream: financial_transactions\n    group: fraud\n",
+                    format!("    {}\n", source_extra.replace("$STREAM", &stream)),
+                ),
+                (
+                    "dead_letter: { stream: financial_transactions.dlq }",
+                    format!("dead_letter: {{ stream: {stream}.dlq }}"),
+                ),
+                (
+                    "batch: { max_rows: 1000, max_wait: 20ms }",
+                    "batch: { max_rows: 200, max_wait: 20ms }".into(),
+                ),
+                ("channel: fraud_alerts", format!("channel: \"{stream}.alerts\"")),
+            ],
         );
         let path = dir.join("fraud.yaml");
         std::fs::write(&path, spec).expect("write spec");
-        Self { dir, db, stream, spec: path }
+        let dwh_url = dwh_url.unwrap_or_else(|| format!("{}/{db}", server()));
+        Self { dir, db, stream, spec: path, redis_url: redis_url(), dwh_url }
     }
 
     fn start(&self, args: &[&str]) -> Child {
-        let log = std::fs::File::create(self.dir.join(format!("engine-{}.log", now_ms()))).expect("log");
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let run = RUNS.fetch_add(1, Ordering::SeqCst);
+        let log = std::fs::File::create(self.dir.join(format!("engine-{run}.log"))).expect("log");
         Command::new(env!("CARGO_BIN_EXE_engine"))
             .current_dir(&self.dir)
             .arg("stream")
             .arg(&self.spec)
             .args(args)
             .env_remove("ENGINE_LOG")
+            .env("REDIS_URL", &self.redis_url)
+            .env("DWH_DATABASE_URL", &self.dwh_url)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -140,10 +147,6 @@ sinks:
         }
         all
     }
-}
-
-fn now_ms() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis()
 }
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -327,11 +330,7 @@ fn postgres_away_for_ten_seconds_loses_no_alert() {
 
 #[test]
 fn malformed_messages_go_to_the_dead_letter_with_their_reason() {
-    let s = Setup::new(
-        "dlq",
-        "stream: $STREAM\n    group: fraud\n    dead_letter: { stream: $STREAM.dlq }\n    max_message_bytes: 4096",
-        None,
-    );
+    let s = Setup::new("dlq", "stream: $STREAM\n    group: fraud\n    max_message_bytes: 4096", None);
     let mut c = redis();
     let good = |id: i64| event(id, 1, 2500.0, "USD");
     let bad: Vec<(String, &str)> = vec![
@@ -353,12 +352,9 @@ fn malformed_messages_go_to_the_dead_letter_with_their_reason() {
         redis::cmd("XADD").arg(&s.stream).arg("*").arg("body").arg("{}").query(&mut c).expect("XADD");
     xadd(&mut c, &s.stream, &good(100));
     xadd(&mut c, &s.stream, &good(101));
-    let out = Command::new(env!("CARGO_BIN_EXE_engine"))
-        .current_dir(&s.dir)
-        .args(["stream", s.spec.to_str().expect("path"), "--max-events", "2"])
-        .output()
-        .expect("engine runs");
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let mut engine = s.start(&["--max-events", "2"]);
+    let status = engine.wait().expect("engine exits");
+    assert_eq!(status.code(), Some(0), "{}", s.logs());
     let letters: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
         .arg(format!("{}.dlq", s.stream))
         .arg("-")
@@ -496,4 +492,49 @@ fn rules_change_while_the_stream_runs() {
     assert!(!has(&format!("euro_spend:{d}")), "the deleted rule no longer fires");
     assert_eq!(stop(engine), 0, "{}", s.logs());
     assert!(s.logs().contains("rules reloaded"), "{}", s.logs());
+}
+
+#[test]
+fn redis_away_then_back_loses_no_alert() {
+    let redis_addr = redis_url().trim_start_matches("redis://").trim_end_matches('/').to_string();
+    let proxy = Proxy::start(&redis_addr);
+    let mut s = Setup::new("redis_outage", "stream: $STREAM\n    group: fraud", None);
+    s.redis_url = format!("redis://127.0.0.1:{}", proxy.port);
+    let engine = s.start(&[]);
+    let mut expected = produce(&s.stream, 0, 300);
+    wait_for("the first alerts", Duration::from_secs(60), || s.alert_ids() == expected);
+    proxy.cut();
+    expected.extend(produce(&s.stream, 300, 300));
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.restore();
+    wait_for("every alert after the outage", Duration::from_secs(60), || {
+        s.alerts() >= expected.len() && s.pending() == 0
+    });
+    assert_eq!(stop(engine), 0, "{}", s.logs());
+    assert_eq!(s.alert_ids(), expected);
+    assert!(s.logs().contains("reconnecting"), "the outage is logged: {}", s.logs());
+}
+
+#[test]
+fn two_engines_in_one_group_share_the_stream() {
+    let s = Setup::new("shared", "stream: $STREAM\n    group: fraud", None);
+    let (a, b) = (s.start(&[]), s.start(&[]));
+    let mut expected = BTreeSet::new();
+    for chunk in 0..30 {
+        expected.extend(produce(&s.stream, chunk * 200, 200));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for("every alert", Duration::from_secs(60), || s.alerts() >= expected.len() && s.pending() == 0);
+    assert_eq!(stop(a), 0, "{}", s.logs());
+    assert_eq!(stop(b), 0, "{}", s.logs());
+    assert_eq!(s.alert_ids(), expected);
+    let counts: Vec<u64> = s
+        .logs()
+        .lines()
+        .filter_map(|l| l.strip_prefix("stream stopped: "))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 2, "{}", s.logs());
+    assert!(counts.iter().all(|n| *n > 0), "both consumers took a share: {counts:?}");
+    assert_eq!(counts.iter().sum::<u64>(), 6000, "each event was read once: {counts:?}");
 }

@@ -10,7 +10,6 @@ use std::path::Path;
 use sqlx::{Connection, PgConnection};
 
 use crate::error::{Error, Result};
-use crate::spec::redact::redact_url;
 
 /// Opens one connection; errors name the connection, never its password.
 pub async fn connect(name: &str, url: &str) -> Result<PgConnection> {
@@ -18,12 +17,7 @@ pub async fn connect(name: &str, url: &str) -> Result<PgConnection> {
 }
 
 pub fn external(name: &str, url: &str, e: impl std::fmt::Display) -> Error {
-    let msg = e.to_string();
-    let msg = match crate::spec::redact::url_password(url) {
-        Some(p) => msg.replace(&p, "***"),
-        None => msg,
-    };
-    Error::External { system: format!("postgres connection '{name}' ({})", redact_url(url)), message: msg }
+    super::external("postgres", name, url, e)
 }
 
 /// Applies the migrations in `dir` that this database has not seen, in order,

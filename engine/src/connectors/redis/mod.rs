@@ -15,16 +15,10 @@ pub mod source;
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::spec::redact::redact_url;
 
 /// An error of the redis connection `name`, never showing its password.
 pub fn external(name: &str, url: &str, e: impl std::fmt::Display) -> Error {
-    let msg = e.to_string();
-    let msg = match crate::spec::redact::url_password(url) {
-        Some(p) => msg.replace(&p, "***"),
-        None => msg,
-    };
-    Error::External { system: format!("redis connection '{name}' ({})", redact_url(url)), message: msg }
+    super::external("redis", name, url, e)
 }
 
 /// A client for `url`; a bad URL is the user's error.
