@@ -51,7 +51,7 @@ fn main() {
         pipe.query::<()>(&mut conn).unwrap_or_else(|e| fail(&format!("XADD: {e}")));
     }
     println!("loaded the stream in {:.1}s", started.elapsed().as_secs_f64());
-    let bare_streams = bare_stream_consumer(&mut conn, n);
+    let bare_streams = bare_stream_consumer(n);
     let spec = write_spec(&work, "streams", &rules, &format!("stream: {STREAM}\n    group: fraud"));
     let started = Instant::now();
     let child = spawn_engine(&engine, &spec, &["--max-events", &n.to_string()]);
@@ -73,7 +73,7 @@ fn main() {
         .arg("pubsub 0 0 0")
         .query(&mut conn);
     reset(&mut conn);
-    let bare_pubsub = bare_subscriber(&client, &mut conn, &payloads);
+    let bare_pubsub = bare_subscriber(&mut conn, &payloads);
     let spec_ps = write_spec(&work, "pubsub", &rules, &format!("channel: {CHANNEL}"));
     let child = spawn_engine(&engine, &spec_ps, &["--max-events", &n.to_string()]);
     wait_subscribed(&mut conn, CHANNEL);
@@ -236,34 +236,54 @@ fn check_alerts(large: usize) {
 }
 
 /// XREADGROUP + XACK, discarding the entries: the most a consumer of this
-/// stream can do with this client library on this machine.
-fn bare_stream_consumer(conn: &mut redis::Connection, n: u64) -> f64 {
-    let _: redis::RedisResult<()> =
-        redis::cmd("XGROUP").arg("CREATE").arg(STREAM).arg("bare").arg("0").query(conn);
-    let started = Instant::now();
-    let mut read = 0u64;
-    while read < n {
-        let reply: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("bare")
-            .arg("c1")
-            .arg("COUNT")
-            .arg(1000)
-            .arg("BLOCK")
-            .arg(1000)
-            .arg("STREAMS")
-            .arg(STREAM)
-            .arg(">")
-            .query(conn)
-            .unwrap_or_else(|e| fail(&format!("XREADGROUP: {e}")));
-        let ids = entry_ids(reply);
-        if ids.is_empty() {
-            fail("the bare consumer found the stream empty");
+/// stream can do with this client library (async, as the engine uses it) on
+/// this machine.
+fn bare_stream_consumer(n: u64) -> f64 {
+    runtime().block_on(async {
+        let client = redis::Client::open(redis_url()).unwrap_or_else(|e| fail(&format!("redis: {e}")));
+        let mut conn =
+            client.get_multiplexed_async_connection().await.unwrap_or_else(|e| fail(&format!("redis: {e}")));
+        let _: redis::RedisResult<()> =
+            redis::cmd("XGROUP").arg("CREATE").arg(STREAM).arg("bare").arg("0").query_async(&mut conn).await;
+        let started = Instant::now();
+        let mut read = 0u64;
+        while read < n {
+            let reply: redis::Value = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("bare")
+                .arg("c1")
+                .arg("COUNT")
+                .arg(1000)
+                .arg("BLOCK")
+                .arg(1000)
+                .arg("STREAMS")
+                .arg(STREAM)
+                .arg(">")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_else(|e| fail(&format!("XREADGROUP: {e}")));
+            let ids = entry_ids(reply);
+            if ids.is_empty() {
+                fail("the bare consumer found the stream empty");
+            }
+            read += ids.len() as u64;
+            let _: i64 = redis::cmd("XACK")
+                .arg(STREAM)
+                .arg("bare")
+                .arg(&ids)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(0);
         }
-        read += ids.len() as u64;
-        let _: i64 = redis::cmd("XACK").arg(STREAM).arg("bare").arg(&ids).query(conn).unwrap_or(0);
-    }
-    n as f64 / started.elapsed().as_secs_f64()
+        n as f64 / started.elapsed().as_secs_f64()
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&format!("tokio: {e}")))
 }
 
 fn entry_ids(reply: redis::Value) -> Vec<Vec<u8>> {
@@ -309,19 +329,27 @@ fn wait_subscribed(conn: &mut redis::Connection, channel: &str) {
     }
 }
 
-/// SUBSCRIBE and count the messages, discarding them.
-fn bare_subscriber(client: &redis::Client, conn: &mut redis::Connection, payloads: &[String]) -> f64 {
+/// SUBSCRIBE and count the messages, discarding them (the async PubSub of
+/// the redis crate, as the engine reads it).
+fn bare_subscriber(conn: &mut redis::Connection, payloads: &[String]) -> f64 {
     let n = payloads.len();
-    let mut sub = client.get_connection().unwrap_or_else(|e| fail(&format!("redis: {e}")));
+    let rt = runtime();
     let (tx, rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut ps = sub.as_pubsub();
-        ps.subscribe(CHANNEL).unwrap_or_else(|e| fail(&format!("SUBSCRIBE: {e}")));
+    let reader = rt.spawn(async move {
+        use futures::StreamExt;
+        let client = redis::Client::open(redis_url()).unwrap_or_else(|e| fail(&format!("redis: {e}")));
+        let mut ps = client.get_async_pubsub().await.unwrap_or_else(|e| fail(&format!("redis: {e}")));
+        ps.subscribe(CHANNEL).await.unwrap_or_else(|e| fail(&format!("SUBSCRIBE: {e}")));
         let _ = tx.send(());
+        let mut messages = ps.on_message();
         let mut got = 0;
         while got < n {
-            if ps.get_message().is_ok() {
-                got += 1;
+            match messages.next().await {
+                Some(m) => {
+                    std::hint::black_box(m.get_payload_bytes());
+                    got += 1;
+                }
+                None => fail("the subscription ended"),
             }
         }
     });
@@ -329,7 +357,7 @@ fn bare_subscriber(client: &redis::Client, conn: &mut redis::Connection, payload
     wait_subscribed(conn, CHANNEL);
     let started = Instant::now();
     publish_all(conn, payloads);
-    let _ = reader.join();
+    let _ = rt.block_on(reader);
     n as f64 / started.elapsed().as_secs_f64()
 }
 

@@ -11,6 +11,8 @@ pub mod postgres;
 pub mod redis;
 pub mod stdout;
 
+use datafusion::arrow::json::writer::{JsonArray, LineDelimited, WriterBuilder};
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
 
@@ -84,6 +86,30 @@ pub fn external(system: &str, name: &str, url: &str, e: impl std::fmt::Display) 
     };
     let url = crate::spec::redact::redact_url(url);
     Error::External { system: format!("{system} connection '{name}' ({url})"), message: msg }
+}
+
+/// Rows as JSON objects, one per row; NULLs are written as `null`.
+pub fn json_rows(batches: &[RecordBatch]) -> std::result::Result<Vec<Vec<u8>>, String> {
+    let mut buf = Vec::new();
+    let mut w = WriterBuilder::new().with_explicit_nulls(true).build::<_, LineDelimited>(&mut buf);
+    for b in batches {
+        w.write(b).map_err(|e| e.to_string())?;
+    }
+    w.finish().map_err(|e| e.to_string())?;
+    drop(w);
+    Ok(buf.split(|c| *c == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect())
+}
+
+/// Rows as one JSON array of objects.
+pub fn json_array(batches: &[RecordBatch]) -> std::result::Result<String, String> {
+    let mut buf = Vec::new();
+    let mut w = WriterBuilder::new().with_explicit_nulls(true).build::<_, JsonArray>(&mut buf);
+    for b in batches {
+        w.write(b).map_err(|e| e.to_string())?;
+    }
+    w.finish().map_err(|e| e.to_string())?;
+    drop(w);
+    String::from_utf8(buf).map_err(|e| e.to_string())
 }
 
 /// A DataFusion error from reading or computing data.

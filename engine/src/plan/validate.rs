@@ -102,6 +102,14 @@ fn stream_shape(p: &mut Problems) {
         }
     }
     for (id, s) in &pl.sinks {
+        if let Sink::Postgres(PostgresSink { mode: WriteMode::Replace, .. }) = s {
+            problems.push((
+                id.clone(),
+                format!(
+                    "sink '{id}': 'mode: replace' rewrites the whole table; a stream sink appends or upserts"
+                ),
+            ));
+        }
         if matches!(s, Sink::File(_) | Sink::Mongodb(_)) {
             problems.push((
                 id.clone(),

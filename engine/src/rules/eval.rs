@@ -297,13 +297,15 @@ fn with_aggregates(
     let converter = RowConverter::new(fields).map_err(|e| e.to_string())?;
     let keys = converter.convert_columns(&key_cols).map_err(|e| e.to_string())?;
     let mut out: Vec<Vec<Option<f64>>> = vec![Vec::with_capacity(n); w.funcs.len()];
+    let mut values = Vec::with_capacity(w.funcs.len());
+    let mut aggs = Vec::with_capacity(w.funcs.len());
     for row in 0..n {
         let t = times.as_ref().filter(|t| t.is_valid(row)).map(|t| t.value(row)).unwrap_or(arrival_us);
-        let values =
-            inputs.iter().map(|a| a.as_ref().filter(|a| a.is_valid(row)).map(|a| a.value(row))).collect();
-        let aggs = state.add(keys.row(row).as_ref(), t, values, &w.funcs);
-        for (j, v) in aggs.into_iter().enumerate() {
-            out[j].push(v);
+        values.clear();
+        values.extend(inputs.iter().map(|a| a.as_ref().filter(|a| a.is_valid(row)).map(|a| a.value(row))));
+        state.add(keys.row(row).as_ref(), t, &values, &w.funcs, &mut aggs);
+        for (j, v) in aggs.iter().enumerate() {
+            out[j].push(*v);
         }
     }
     state.sweep();

@@ -108,20 +108,22 @@ impl VisitorMut for Extract {
     }
 }
 
-/// The recent events of one key.
+/// The recent events of one key: their times, and their aggregate inputs
+/// laid out flat (`stride` values an event), with running sums and counts.
 #[derive(Default)]
 struct KeyWindow {
-    /// (event time in µs, aggregate inputs)
-    events: VecDeque<(i64, Vec<Option<f64>>)>,
+    times: VecDeque<i64>,
+    values: VecDeque<Option<f64>>,
     sums: Vec<f64>,
     counts: Vec<i64>,
 }
 
 impl KeyWindow {
-    fn push(&mut self, t: i64, values: Vec<Option<f64>>, size: i64) {
-        if self.sums.len() < values.len() {
-            self.sums.resize(values.len(), 0.0);
-            self.counts.resize(values.len(), 0);
+    fn push(&mut self, t: i64, values: &[Option<f64>], size: i64) {
+        let stride = values.len();
+        if self.sums.len() < stride {
+            self.sums.resize(stride, 0.0);
+            self.counts.resize(stride, 0);
         }
         for (j, v) in values.iter().enumerate() {
             if let Some(v) = v {
@@ -129,28 +131,29 @@ impl KeyWindow {
                 self.counts[j] += 1;
             }
         }
-        self.events.push_back((t, values));
-        while self.events.front().is_some_and(|(ft, _)| *ft < t - size) {
-            if let Some((_, old)) = self.events.pop_front() {
-                for (j, v) in old.iter().enumerate() {
-                    if let Some(v) = v {
-                        self.sums[j] -= v;
-                        self.counts[j] -= 1;
-                    }
+        self.times.push_back(t);
+        self.values.extend(values.iter().copied());
+        while self.times.front().is_some_and(|ft| *ft < t - size) {
+            self.times.pop_front();
+            for j in 0..stride {
+                if let Some(Some(v)) = self.values.pop_front() {
+                    self.sums[j] -= v;
+                    self.counts[j] -= 1;
                 }
             }
         }
     }
 
-    fn value(&self, j: usize, func: Func) -> Option<f64> {
+    fn value(&self, j: usize, stride: usize, func: Func) -> Option<f64> {
         let n = self.counts.get(j).copied().unwrap_or(0);
+        let column = || self.values.iter().skip(j).step_by(stride.max(1)).filter_map(|v| *v);
         match func {
-            Func::CountAll => Some(self.events.len() as f64),
+            Func::CountAll => Some(self.times.len() as f64),
             Func::Count => Some(n as f64),
             Func::Sum if n > 0 => Some(self.sums[j]),
             Func::Avg if n > 0 => Some(self.sums[j] / n as f64),
-            Func::Min => self.events.iter().filter_map(|(_, v)| v[j]).reduce(f64::min),
-            Func::Max => self.events.iter().filter_map(|(_, v)| v[j]).reduce(f64::max),
+            Func::Min => column().reduce(f64::min),
+            Func::Max => column().reduce(f64::max),
             _ => None,
         }
     }
@@ -159,27 +162,34 @@ impl KeyWindow {
 /// The windows of one rule, per key.
 pub struct Windows {
     size_us: i64,
-    keys: HashMap<Box<[u8]>, KeyWindow>,
+    keys: HashMap<Box<[u8]>, KeyWindow, xxhash_rust::xxh3::Xxh3Builder>,
     newest: i64,
     swept_at: i64,
 }
 
 impl Windows {
     pub fn new(size: std::time::Duration) -> Self {
-        Self { size_us: size.as_micros() as i64, keys: HashMap::new(), newest: i64::MIN, swept_at: 0 }
+        Self { size_us: size.as_micros() as i64, keys: HashMap::default(), newest: i64::MIN, swept_at: 0 }
     }
 
-    /// Adds one event to its key's window; returns the aggregates over that
-    /// window, this event included.
-    pub fn add(&mut self, key: &[u8], t: i64, values: Vec<Option<f64>>, funcs: &[Func]) -> Vec<Option<f64>> {
+    /// Adds one event to its key's window; `out` gets the aggregates over
+    /// that window, this event included (`values` holds their inputs).
+    pub fn add(
+        &mut self,
+        key: &[u8],
+        t: i64,
+        values: &[Option<f64>],
+        funcs: &[Func],
+        out: &mut Vec<Option<f64>>,
+    ) {
         let w = match self.keys.get_mut(key) {
             Some(w) => w,
             None => self.keys.entry(key.into()).or_default(),
         };
         w.push(t, values, self.size_us);
-        let out = funcs.iter().enumerate().map(|(j, f)| w.value(j, *f)).collect();
+        out.clear();
+        out.extend(funcs.iter().enumerate().map(|(j, f)| w.value(j, values.len(), *f)));
         self.newest = self.newest.max(t);
-        out
     }
 
     /// Forgets keys whose every event is older than the window, so state
@@ -189,7 +199,7 @@ impl Windows {
             return;
         }
         let horizon = self.newest - self.size_us;
-        self.keys.retain(|_, w| w.events.back().is_some_and(|(t, _)| *t >= horizon));
+        self.keys.retain(|_, w| w.times.back().is_some_and(|t| *t >= horizon));
         self.swept_at = self.newest;
     }
 
@@ -218,20 +228,16 @@ mod tests {
         let mut w = Windows::new(std::time::Duration::from_secs(60));
         let f = [Func::CountAll, Func::Sum, Func::Max];
         let s = 1_000_000;
-        assert_eq!(
-            w.add(b"a", 0, vec![None, Some(1.0), Some(1.0)], &f),
-            vec![Some(1.0), Some(1.0), Some(1.0)]
-        );
-        assert_eq!(w.add(b"b", 10 * s, vec![None, Some(5.0), Some(5.0)], &f)[0], Some(1.0));
-        assert_eq!(
-            w.add(b"a", 30 * s, vec![None, Some(2.0), Some(2.0)], &f),
-            vec![Some(2.0), Some(3.0), Some(2.0)]
-        );
-        assert_eq!(
-            w.add(b"a", 61 * s, vec![None, Some(4.0), Some(4.0)], &f),
-            vec![Some(2.0), Some(6.0), Some(4.0)]
-        );
-        w.add(b"a", 75 * s, vec![None, Some(1.0), Some(1.0)], &f);
+        let mut out = Vec::new();
+        let mut add = |w: &mut Windows, key: &[u8], t: i64, v: f64| {
+            w.add(key, t, &[None, Some(v), Some(v)], &f, &mut out);
+            out.clone()
+        };
+        assert_eq!(add(&mut w, b"a", 0, 1.0), vec![Some(1.0), Some(1.0), Some(1.0)]);
+        assert_eq!(add(&mut w, b"b", 10 * s, 5.0)[0], Some(1.0));
+        assert_eq!(add(&mut w, b"a", 30 * s, 2.0), vec![Some(2.0), Some(3.0), Some(2.0)]);
+        assert_eq!(add(&mut w, b"a", 61 * s, 4.0), vec![Some(2.0), Some(6.0), Some(4.0)]);
+        add(&mut w, b"a", 75 * s, 1.0);
         w.sweep();
         assert_eq!(w.keys(), 1, "key b fell out of every window");
     }

@@ -5,8 +5,12 @@
 //! of range, too large) is refused with a reason naming the field, and the
 //! rows already taken are untouched. arrow-json's decoder works a batch at a
 //! time and cannot say which message of a batch was bad, which a dead letter
-//! needs; hence this per-message decoder over serde_json values.
+//! needs; hence this per-message decoder. It reads each object's fields as
+//! raw JSON slices (serde_json's `RawValue`, no tree built), so decimals are
+//! taken exactly from their text.
 
+use std::borrow::Cow;
+use std::fmt;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -16,12 +20,13 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::kernels::cast_utils::string_to_timestamp_nanos;
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use datafusion::arrow::record_batch::RecordBatch;
-use serde_json::Value;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
 
 /// One decoded value, held until the whole message has decoded.
-enum Cell {
+enum Cell<'a> {
     Null,
-    Str(String),
+    Str(Cow<'a, str>),
     Bool(bool),
     Int(i64),
     Float(f64),
@@ -44,6 +49,7 @@ enum Builder {
 /// Decodes messages into rows of `schema`.
 pub struct Decoder {
     schema: SchemaRef,
+    names: Vec<String>,
     builders: Vec<Builder>,
     rows: usize,
     max_bytes: usize,
@@ -52,7 +58,8 @@ pub struct Decoder {
 impl Decoder {
     pub fn new(schema: SchemaRef, max_bytes: usize) -> Self {
         let builders = schema.fields().iter().map(|f| builder(f.data_type())).collect();
-        Self { schema, builders, rows: 0, max_bytes }
+        let names = schema.fields().iter().map(|f| f.name().clone()).collect();
+        Self { schema, names, builders, rows: 0, max_bytes }
     }
 
     pub fn schema(&self) -> &SchemaRef {
@@ -69,19 +76,24 @@ impl Decoder {
         if raw.len() > self.max_bytes {
             return Err(format!("message is {} bytes, more than the limit of {}", raw.len(), self.max_bytes));
         }
-        let obj: serde_json::Map<String, Value> = match serde_json::from_slice::<Value>(raw) {
-            Ok(Value::Object(m)) => m,
-            Ok(other) => return Err(format!("message is not a JSON object but {}", kind(&other))),
-            Err(e) => return Err(format!("bad JSON: {e}")),
-        };
+        if raw.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(match serde_json::from_slice::<serde_json::Value>(raw) {
+                Ok(v) => format!("message is not a JSON object but {}", kind(&v.to_string())),
+                Err(e) => format!("bad JSON: {e}"),
+            });
+        }
+        let mut de = serde_json::Deserializer::from_slice(raw);
+        let slots =
+            Fields { names: &self.names }.deserialize(&mut de).map_err(|e| format!("bad JSON: {e}"))?;
+        de.end().map_err(|e| format!("bad JSON: {e}"))?;
         let mut cells = Vec::with_capacity(self.builders.len());
-        for field in self.schema.fields() {
+        for (field, slot) in self.schema.fields().iter().zip(slots) {
             let name = field.name();
-            let cell = match obj.get(name) {
-                None | Some(Value::Null) if field.is_nullable() => Cell::Null,
+            let cell = match slot.map(RawValue::get) {
+                None | Some("null") if field.is_nullable() => Cell::Null,
                 None => return Err(format!("missing required field '{name}'")),
-                Some(Value::Null) => return Err(format!("field '{name}' is required but null")),
-                Some(v) => cell(v, field.data_type()).map_err(|e| format!("field '{name}': {e}"))?,
+                Some("null") => return Err(format!("field '{name}' is required but null")),
+                Some(text) => cell(text, field.data_type()).map_err(|e| format!("field '{name}': {e}"))?,
             };
             cells.push(cell);
         }
@@ -100,14 +112,64 @@ impl Decoder {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// The raw JSON of each declared field of one object (the last of repeated keys).
+struct Fields<'n> {
+    names: &'n [String],
+}
+
+impl<'de> DeserializeSeed<'de> for Fields<'_> {
+    type Value = Vec<Option<&'de RawValue>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Fields<'_> {
+    type Value = Vec<Option<&'de RawValue>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut slots = vec![None; self.names.len()];
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match self.names.iter().position(|n| *n == key) {
+                Some(i) => slots[i] = Some(map.next_value::<&'de RawValue>()?),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(slots)
+    }
+}
+
+/// What kind of JSON value `text` is, for messages.
+fn kind(text: &str) -> &'static str {
+    match text.as_bytes().first() {
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'[') => "an array",
+        Some(b'{') => "an object",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+fn is_number(text: &str) -> bool {
+    kind(text) == "a number"
+}
+
+/// The content of a JSON string, borrowed when it has no escapes.
+fn string(text: &str) -> Option<Cow<'_, str>> {
+    if !text.starts_with('"') {
+        return None;
+    }
+    match serde_json::from_str::<&str>(text) {
+        Ok(s) => Some(Cow::Borrowed(s)),
+        Err(_) => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
     }
 }
 
@@ -128,73 +190,98 @@ fn builder(t: &DataType) -> Builder {
     }
 }
 
-fn cell(v: &Value, t: &DataType) -> Result<Cell, String> {
-    let wrong = |want: &str| format!("expected {want}, got {} {}", kind(v), short(v));
+fn cell<'a>(text: &'a str, t: &DataType) -> Result<Cell<'a>, String> {
+    let wrong = |want: &str| format!("expected {want}, got {} {}", kind(text), short(text));
+    let int = || text.parse::<i64>().map_err(|_| wrong("an integer"));
     Ok(match t {
-        DataType::Boolean => Cell::Bool(v.as_bool().ok_or_else(|| wrong("true or false"))?),
+        DataType::Boolean => match text {
+            "true" => Cell::Bool(true),
+            "false" => Cell::Bool(false),
+            _ => return Err(wrong("true or false")),
+        },
         DataType::Int32 => {
-            let i = v.as_i64().ok_or_else(|| wrong("an integer"))?;
+            let i = int()?;
             i32::try_from(i).map_err(|_| format!("{i} does not fit int32"))?;
             Cell::Int(i)
         }
-        DataType::Int64 => Cell::Int(v.as_i64().ok_or_else(|| wrong("an integer"))?),
-        DataType::Float64 => Cell::Float(v.as_f64().ok_or_else(|| wrong("a number"))?),
+        DataType::Int64 => Cell::Int(int()?),
+        DataType::Float64 if is_number(text) => Cell::Float(text.parse().map_err(|_| wrong("a number"))?),
+        DataType::Float64 => return Err(wrong("a number")),
         DataType::Decimal128(p, s) => {
-            Cell::Dec(decimal(v, *p, *s).ok_or_else(|| wrong("a decimal number"))??)
+            let digits = match string(text) {
+                Some(s) => s,
+                None if is_number(text) => Cow::Borrowed(text),
+                None => return Err(wrong("a decimal number")),
+            };
+            Cell::Dec(decimal(digits.trim(), *p, *s).ok_or_else(|| wrong("a decimal number"))??)
         }
         DataType::Date32 => {
-            let s = v.as_str().ok_or_else(|| wrong("a date string (YYYY-MM-DD)"))?;
+            let s = string(text).ok_or_else(|| wrong("a date string (YYYY-MM-DD)"))?;
             let nanos = string_to_timestamp_nanos(&format!("{s}T00:00:00Z"))
-                .map_err(|_| format!("bad date {}; write YYYY-MM-DD", short(v)))?;
+                .map_err(|_| format!("bad date {}; write YYYY-MM-DD", short(text)))?;
             Cell::Date((nanos.div_euclid(86_400_000_000_000)) as i32)
         }
         DataType::Timestamp(TimeUnit::Microsecond, _) => {
-            let s = v.as_str().ok_or_else(|| wrong("an RFC 3339 timestamp string"))?;
-            let nanos = string_to_timestamp_nanos(s)
-                .map_err(|_| format!("bad timestamp {}; write e.g. 2026-11-26T10:15:02Z", short(v)))?;
+            let s = string(text).ok_or_else(|| wrong("an RFC 3339 timestamp string"))?;
+            let nanos = string_to_timestamp_nanos(&s)
+                .map_err(|_| format!("bad timestamp {}; write e.g. 2026-11-26T10:15:02Z", short(text)))?;
             Cell::Ts(nanos.div_euclid(1000))
         }
-        _ => Cell::Str(v.as_str().ok_or_else(|| wrong("a string"))?.to_string()),
+        _ => Cell::Str(string(text).ok_or_else(|| wrong("a string"))?),
     })
 }
 
-/// A JSON number (or numeric string) as a decimal of scale `s`: `None` when
-/// it is neither; an error when it has more decimals than `s` or more digits
-/// than `p`, because rounding would change the amount.
-fn decimal(v: &Value, p: u8, s: i8) -> Option<Result<i128, String>> {
-    let text = match v {
-        Value::Number(n) => n.to_string(),
-        Value::String(t) => t.trim().to_string(),
-        _ => return None,
+/// A decimal number's text (`-12.5`, `2450.00`, `1e3`) exactly as a decimal
+/// of scale `s`: `None` when it is not a number; an error when it has more
+/// decimal places than `s` or more digits than `p`, since rounding would
+/// change an amount.
+fn decimal(text: &str, p: u8, s: i8) -> Option<Result<i128, String>> {
+    let (neg, rest) = match text.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
     };
-    let f: f64 = text.parse().ok()?;
-    if !f.is_finite() {
+    let (mantissa, exp) = match rest.find(['e', 'E']) {
+        Some(i) => (&rest[..i], rest[i + 1..].parse::<i32>().ok()?),
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() && frac.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let scaled = f * 10f64.powi(s as i32);
-    let rounded = scaled.round();
-    if (scaled - rounded).abs() > 1e-6 * rounded.abs().max(1.0) {
-        return Some(Err(format!("{text} has more than {s} decimal places")));
+    let too_big = || Some(Err(format!("{text} does not fit decimal({p},{s})")));
+    let mut digits: Vec<u8> = int.bytes().chain(frac.bytes()).map(|b| b - b'0').collect();
+    // value = digits * 10^(exp - frac.len()); wanted: value * 10^s
+    let mut shift = exp + s as i32 - frac.len() as i32;
+    while shift < 0 {
+        if digits.pop()? != 0 {
+            return Some(Err(format!("{text} has more than {s} decimal places")));
+        }
+        shift += 1;
     }
-    let limit = 10f64.powi(p as i32);
-    if rounded.abs() >= limit {
-        return Some(Err(format!("{text} does not fit decimal({p},{s})")));
+    let mut v: i128 = 0;
+    for d in digits.into_iter().chain(std::iter::repeat_n(0, shift as usize)) {
+        v = match v.checked_mul(10).and_then(|v| v.checked_add(d as i128)) {
+            Some(v) => v,
+            None => return too_big(),
+        };
     }
-    Some(Ok(rounded as i128))
+    if v >= 10i128.pow(p as u32) {
+        return too_big();
+    }
+    Some(Ok(if neg { -v } else { v }))
 }
 
-fn short(v: &Value) -> String {
-    let s = v.to_string();
-    if s.len() > 40 {
-        format!("{}...", &s[..s.char_indices().nth(37).map(|(i, _)| i).unwrap_or(s.len())])
+fn short(text: &str) -> String {
+    if text.len() > 40 {
+        format!("{}...", &text[..text.char_indices().nth(37).map(|(i, _)| i).unwrap_or(text.len())])
     } else {
-        s
+        text.to_string()
     }
 }
 
-fn append(b: &mut Builder, c: Cell) {
+fn append(b: &mut Builder, c: Cell<'_>) {
     match (b, c) {
-        (Builder::Str(b), Cell::Str(v)) => b.append_value(v),
+        (Builder::Str(b), Cell::Str(v)) => b.append_value(v.as_ref()),
         (Builder::Bool(b), Cell::Bool(v)) => b.append_value(v),
         (Builder::I32(b), Cell::Int(v)) => b.append_value(v as i32),
         (Builder::I64(b), Cell::Int(v)) => b.append_value(v),
@@ -260,6 +347,18 @@ mod tests {
             b.column(1).as_any().downcast_ref::<datafusion::arrow::array::Decimal128Array>().unwrap();
         assert_eq!(amounts.value(0), 245000);
         assert_eq!(amounts.value(1), 1250);
+    }
+
+    #[test]
+    fn decimals_are_exact() {
+        assert_eq!(decimal("2450.00", 12, 2), Some(Ok(245000)));
+        assert_eq!(decimal("-0.5", 12, 2), Some(Ok(-50)));
+        assert_eq!(decimal("1e3", 12, 2), Some(Ok(100000)));
+        assert_eq!(decimal("12.340", 12, 2), Some(Ok(1234)));
+        assert!(decimal("12.345", 12, 2).unwrap().unwrap_err().contains("more than 2 decimal places"));
+        assert!(decimal("1e10", 12, 2).unwrap().unwrap_err().contains("does not fit"));
+        assert_eq!(decimal("abc", 12, 2), None);
+        assert_eq!(decimal("", 12, 2), None);
     }
 
     #[test]

@@ -86,8 +86,11 @@ impl RulesOp {
                 self.current = next;
             }
         }
-        let schema = self.current_input_schema(input);
-        let batch = concat_batches(&schema, input).map_err(|e| Error::Internal(e.to_string()))?;
+        let batch = match input {
+            [one] => one.clone(),
+            _ => concat_batches(&self.current_input_schema(input), input)
+                .map_err(|e| Error::Internal(e.to_string()))?,
+        };
         let (alerts, hits) = self
             .current
             .evaluate(&batch, &mut self.windows, now_us())
@@ -230,6 +233,7 @@ impl Executor {
                     (s.id.clone(), rows_in, s.run().await.map_err(Stop::Fatal)?)
                 }
             };
+            tracing::debug!(node = %id, "{rows_in} rows in, {} out", rows(&out));
             metrics::counter!("engine_events_in_total", "node" => id.clone()).increment(rows_in);
             metrics::counter!("engine_events_out_total", "node" => id.clone()).increment(rows(&out));
             outputs.insert(id, out);
@@ -237,7 +241,9 @@ impl Executor {
         let writes = sinks.iter_mut().map(|s| {
             let input = outputs.get(&s.input).cloned().unwrap_or_default();
             async move {
+                let started = Instant::now();
                 let n = s.write(&input, stop).await?;
+                tracing::debug!(sink = %s.id, "{n} rows in {:?}", started.elapsed());
                 metrics::counter!("engine_events_in_total", "node" => s.id.clone()).increment(n);
                 Ok::<_, Stop>((s.id.clone(), n))
             }

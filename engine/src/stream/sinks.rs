@@ -9,7 +9,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use sqlx::PgConnection;
 use tokio::sync::watch;
 
-use crate::connectors::postgres::sink::{load_on, Load};
+use crate::connectors::postgres::sink::StreamTarget;
 use crate::connectors::redis::Backoff;
 use crate::connectors::{postgres, redis as redis_conn, stdout};
 use crate::error::{Error, Result};
@@ -18,7 +18,7 @@ use crate::spec::Spec;
 
 enum Kind {
     Redis { client: redis::Client, url: String, conn: Option<redis::aio::ConnectionManager>, sink: RedisSink },
-    Postgres { name: String, url: String, conn: Option<PgConnection>, sink: PostgresSink },
+    Postgres { name: String, url: String, conn: Option<(PgConnection, StreamTarget)>, sink: PostgresSink },
     Stdout(StdoutSink),
 }
 
@@ -66,6 +66,7 @@ impl SinkOp {
     }
 
     /// Writes and commits `batches`, retrying while the system is away.
+    /// Problems of the user's making (a table that does not fit) stop the stream.
     pub async fn write(
         &mut self,
         batches: &[RecordBatch],
@@ -118,19 +119,20 @@ impl SinkOp {
                 redis_conn::sink::write(c, sink, batches).await.map_err(|e| ext(&e))
             }
             Kind::Postgres { name, url, conn, sink } => {
-                let c = match conn {
+                let json = crate::connectors::json_array(batches).map_err(Error::Internal)?;
+                let (c, target) = match conn {
                     Some(c) => c,
-                    None => conn.insert(postgres::connect(name, url).await?),
+                    None => {
+                        let mut c = postgres::connect(name, url).await?;
+                        let target = StreamTarget::new(&mut c, &self.id, sink, &batches[0].schema()).await?;
+                        conn.insert((c, target))
+                    }
                 };
-                let schema = batches[0].schema();
-                let owned: Vec<_> = batches.iter().cloned().map(Ok).collect();
-                let input = Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::iter(owned)));
-                let load = Load { id: &self.id, sink, input };
-                match load_on(c, name, url, vec![load], &[]).await {
-                    Ok(done) => Ok(done.iter().map(|d| d.1).sum()),
+                match target.write(c, &json).await {
+                    Ok(()) => Ok(rows(batches)),
                     Err(e) => {
-                        *conn = None; // a broken connection is opened again on the next attempt
-                        Err(e)
+                        *conn = None; // opened again (and the table checked again) on the next attempt
+                        Err(postgres::external(name, url, e))
                     }
                 }
             }
@@ -142,4 +144,8 @@ impl SinkOp {
             }
         }
     }
+}
+
+fn rows(batches: &[RecordBatch]) -> u64 {
+    batches.iter().map(|b| b.num_rows() as u64).sum()
 }

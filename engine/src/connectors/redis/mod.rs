@@ -62,10 +62,12 @@ impl Backoff {
 /// was deleted from the stream while pending).
 pub type Entry = (String, Option<Vec<(Vec<u8>, Vec<u8>)>>);
 
-fn text(v: &redis::Value) -> Option<String> {
+fn owned_text(v: redis::Value) -> Option<String> {
     match v {
-        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        redis::Value::SimpleString(s) => Some(s.clone()),
+        redis::Value::BulkString(b) => {
+            Some(String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+        }
+        redis::Value::SimpleString(s) => Some(s),
         _ => None,
     }
 }
@@ -93,7 +95,7 @@ pub fn entries(reply: redis::Value) -> Vec<Entry> {
         .into_iter()
         .filter_map(|e| {
             let mut parts = array(e).into_iter();
-            let id = text(&parts.next()?)?;
+            let id = owned_text(parts.next()?)?;
             let fields = match parts.next() {
                 Some(redis::Value::Nil) | None => None,
                 Some(f) => {

@@ -1,22 +1,9 @@
 //! The redis sink: each row as one JSON message, PUBLISHed on a channel or
 //! XADDed to a stream (field `payload`), a batch in one pipeline.
 
-use datafusion::arrow::json::writer::{LineDelimited, WriterBuilder};
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::spec::model::RedisSink;
-
-/// Rows as JSON objects, one per row; NULLs are written as `null`.
-pub fn json_rows(batches: &[RecordBatch]) -> Result<Vec<Vec<u8>>, String> {
-    let mut buf = Vec::new();
-    let mut w = WriterBuilder::new().with_explicit_nulls(true).build::<_, LineDelimited>(&mut buf);
-    for b in batches {
-        w.write(b).map_err(|e| e.to_string())?;
-    }
-    w.finish().map_err(|e| e.to_string())?;
-    drop(w);
-    Ok(buf.split(|c| *c == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect())
-}
 
 /// Writes `batches` to `sink` on `conn`; returns the messages sent.
 pub async fn write(
@@ -24,7 +11,7 @@ pub async fn write(
     sink: &RedisSink,
     batches: &[RecordBatch],
 ) -> Result<u64, String> {
-    let rows = json_rows(batches)?;
+    let rows = crate::connectors::json_rows(batches)?;
     if rows.is_empty() {
         return Ok(0);
     }
