@@ -15,7 +15,7 @@ use datafusion::common::DFSchema;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 
-use super::window::{self, Func, Windows};
+use super::window::{self, Func, Key, Windows};
 use super::{LoadedRule, RuleMode};
 use crate::error::{Diagnostic, Diagnostics};
 use crate::transform::rules::{reason_sql, version};
@@ -293,9 +293,26 @@ fn with_aggregates(
         }
     };
     let key_cols: Vec<ArrayRef> = w.by.iter().map(|i| batch.column(*i).clone()).collect();
-    let fields = key_cols.iter().map(|c| SortField::new(c.data_type().clone())).collect();
-    let converter = RowConverter::new(fields).map_err(|e| e.to_string())?;
-    let keys = converter.convert_columns(&key_cols).map_err(|e| e.to_string())?;
+    let int_keys: Option<Int64Array> = match key_cols.as_slice() {
+        [k] if k.data_type().is_integer() => {
+            let k = cast(k, &DataType::Int64).map_err(|e| e.to_string())?;
+            k.as_any().downcast_ref::<Int64Array>().cloned()
+        }
+        _ => None,
+    };
+    let rows = match int_keys {
+        Some(_) => None,
+        None => {
+            let fields = key_cols.iter().map(|c| SortField::new(c.data_type().clone())).collect();
+            let converter = RowConverter::new(fields).map_err(|e| e.to_string())?;
+            Some(converter.convert_columns(&key_cols).map_err(|e| e.to_string())?)
+        }
+    };
+    let key = |row: usize| match (&int_keys, &rows) {
+        (Some(k), _) if k.is_valid(row) => Key::Int(k.value(row)),
+        (_, Some(r)) => Key::Row(r.row(row).data()),
+        _ => Key::Row(&[]),
+    };
     let mut out: Vec<Vec<Option<f64>>> = vec![Vec::with_capacity(n); w.funcs.len()];
     let mut values = Vec::with_capacity(w.funcs.len());
     let mut aggs = Vec::with_capacity(w.funcs.len());
@@ -303,7 +320,7 @@ fn with_aggregates(
         let t = times.as_ref().filter(|t| t.is_valid(row)).map(|t| t.value(row)).unwrap_or(arrival_us);
         values.clear();
         values.extend(inputs.iter().map(|a| a.as_ref().filter(|a| a.is_valid(row)).map(|a| a.value(row))));
-        state.add(keys.row(row).as_ref(), t, &values, &w.funcs, &mut aggs);
+        state.add(key(row), t, &values, &w.funcs, &mut aggs);
         for (j, v) in aggs.iter().enumerate() {
             out[j].push(*v);
         }

@@ -159,32 +159,52 @@ impl KeyWindow {
     }
 }
 
+/// The key of a window: one integer column (the common case, kept without
+/// allocating), or the key columns in Arrow's row format.
+#[derive(Debug, Clone, Copy)]
+pub enum Key<'a> {
+    Int(i64),
+    Row(&'a [u8]),
+}
+
+type Map<K> = HashMap<K, KeyWindow, xxhash_rust::xxh3::Xxh3Builder>;
+
 /// The windows of one rule, per key.
 pub struct Windows {
     size_us: i64,
-    keys: HashMap<Box<[u8]>, KeyWindow, xxhash_rust::xxh3::Xxh3Builder>,
+    ints: Map<i64>,
+    rows: Map<Box<[u8]>>,
     newest: i64,
     swept_at: i64,
 }
 
 impl Windows {
     pub fn new(size: std::time::Duration) -> Self {
-        Self { size_us: size.as_micros() as i64, keys: HashMap::default(), newest: i64::MIN, swept_at: 0 }
+        Self {
+            size_us: size.as_micros() as i64,
+            ints: HashMap::default(),
+            rows: HashMap::default(),
+            newest: i64::MIN,
+            swept_at: 0,
+        }
     }
 
     /// Adds one event to its key's window; `out` gets the aggregates over
     /// that window, this event included (`values` holds their inputs).
     pub fn add(
         &mut self,
-        key: &[u8],
+        key: Key<'_>,
         t: i64,
         values: &[Option<f64>],
         funcs: &[Func],
         out: &mut Vec<Option<f64>>,
     ) {
-        let w = match self.keys.get_mut(key) {
-            Some(w) => w,
-            None => self.keys.entry(key.into()).or_default(),
+        let w = match key {
+            Key::Int(k) => self.ints.entry(k).or_default(),
+            Key::Row(k) => match self.rows.get_mut(k) {
+                Some(w) => w,
+                None => self.rows.entry(k.into()).or_default(),
+            },
         };
         w.push(t, values, self.size_us);
         out.clear();
@@ -199,12 +219,13 @@ impl Windows {
             return;
         }
         let horizon = self.newest - self.size_us;
-        self.keys.retain(|_, w| w.times.back().is_some_and(|t| *t >= horizon));
+        self.ints.retain(|_, w| w.times.back().is_some_and(|t| *t >= horizon));
+        self.rows.retain(|_, w| w.times.back().is_some_and(|t| *t >= horizon));
         self.swept_at = self.newest;
     }
 
     pub fn keys(&self) -> usize {
-        self.keys.len()
+        self.ints.len() + self.rows.len()
     }
 }
 
@@ -230,7 +251,7 @@ mod tests {
         let s = 1_000_000;
         let mut out = Vec::new();
         let mut add = |w: &mut Windows, key: &[u8], t: i64, v: f64| {
-            w.add(key, t, &[None, Some(v), Some(v)], &f, &mut out);
+            w.add(Key::Row(key), t, &[None, Some(v), Some(v)], &f, &mut out);
             out.clone()
         };
         assert_eq!(add(&mut w, b"a", 0, 1.0), vec![Some(1.0), Some(1.0), Some(1.0)]);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, watch};
 
@@ -255,16 +255,28 @@ impl Reader {
             if *ctl.shutdown.borrow() {
                 return Ok(());
             }
-            let wait = self.wait(Duration::from_millis(500));
-            let msg = tokio::select! {
-                m = tokio::time::timeout(wait, messages.next()) => m,
-                _ = ctl.shutdown.changed() => continue,
-            };
             let mut letters = Vec::new();
-            match msg {
-                Ok(Some(m)) => self.take(None, m.get_payload_bytes(), &mut letters),
-                Ok(None) => return Err(format!("subscription to '{channel}' ended")),
-                Err(_) => {}
+            // Take what has arrived without a timer per message; wait only when nothing has.
+            let mut took = 0;
+            while took < self.cfg.max_rows && !self.due() {
+                match messages.next().now_or_never() {
+                    Some(Some(m)) => self.take(None, m.get_payload_bytes(), &mut letters),
+                    Some(None) => return Err(format!("subscription to '{channel}' ended")),
+                    None => break,
+                }
+                took += 1;
+            }
+            if took == 0 {
+                let wait = self.wait(Duration::from_millis(500));
+                let msg = tokio::select! {
+                    m = tokio::time::timeout(wait, messages.next()) => m,
+                    _ = ctl.shutdown.changed() => continue,
+                };
+                match msg {
+                    Ok(Some(m)) => self.take(None, m.get_payload_bytes(), &mut letters),
+                    Ok(None) => return Err(format!("subscription to '{channel}' ended")),
+                    Err(_) => {}
+                }
             }
             dead.write(&mut conn, &letters).await?;
             if self.due() {
