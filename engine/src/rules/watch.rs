@@ -44,11 +44,16 @@ impl Source {
             diags.extend(super::compile::check_against(&set, self.schema.clone(), &self.key).await);
         }
         if diags.has_errors() {
-            return Err(diags.to_string().trim_end().to_string());
+            return Err(errors(&diags));
         }
         CompiledRules::build(&crate::stream::session(), &set, self.schema.clone(), &self.key)
-            .map_err(|d| d.to_string().trim_end().to_string())
+            .map_err(|d| errors(&d))
     }
+}
+
+/// Every error, one `file:line:col: message` a line.
+fn errors(d: &crate::error::Diagnostics) -> String {
+    d.errors().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
 }
 
 /// A running watcher; dropping it stops watching.
