@@ -11,7 +11,7 @@ pub mod postgres;
 pub mod redis;
 pub mod stdout;
 
-use datafusion::arrow::json::writer::{JsonArray, LineDelimited, WriterBuilder};
+use datafusion::arrow::json::writer::{LineDelimited, WriterBuilder};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
@@ -102,14 +102,17 @@ pub fn json_rows(batches: &[RecordBatch]) -> std::result::Result<Vec<Vec<u8>>, S
 
 /// Rows as one JSON array of objects.
 pub fn json_array(batches: &[RecordBatch]) -> std::result::Result<String, String> {
-    let mut buf = Vec::new();
-    let mut w = WriterBuilder::new().with_explicit_nulls(true).build::<_, JsonArray>(&mut buf);
-    for b in batches {
-        w.write(b).map_err(|e| e.to_string())?;
+    let rows = json_rows(batches)?;
+    let mut out = Vec::with_capacity(rows.iter().map(|r| r.len() + 1).sum::<usize>() + 2);
+    out.push(b'[');
+    for (i, r) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(r);
     }
-    w.finish().map_err(|e| e.to_string())?;
-    drop(w);
-    String::from_utf8(buf).map_err(|e| e.to_string())
+    out.push(b']');
+    String::from_utf8(out).map_err(|e| e.to_string())
 }
 
 /// A DataFusion error from reading or computing data.
