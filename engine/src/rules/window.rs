@@ -167,7 +167,8 @@ pub enum Key<'a> {
     Row(&'a [u8]),
 }
 
-type Map<K> = HashMap<K, KeyWindow, xxhash_rust::xxh3::Xxh3Builder>;
+// std's SipHash: keys come from events, which anyone upstream may shape.
+type Map<K> = HashMap<K, KeyWindow>;
 
 /// The windows of one rule, per key.
 pub struct Windows {
