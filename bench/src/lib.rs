@@ -25,22 +25,42 @@ pub fn engine() -> PathBuf {
 }
 
 /// Waits for one child; returns its exit status and its own peak RSS (KiB).
+///
+/// The peak is the child's `VmHWM` after its exec, read every 10 ms until it
+/// exits. (`wait4`'s `ru_maxrss` would also count the moment between fork
+/// and exec, when the child still shares this process's memory: the
+/// benchmark's own data.)
 pub fn wait_with_rss(pid: i32) -> (i32, i64) {
-    // SAFETY: wait4 writes only the status and rusage it is given, for a
-    // child of this process. std offers no way to read a child's peak
-    // memory, hence the one unsafe call.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0i64;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let hwm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok());
+            peak = peak.max(hwm.unwrap_or(0));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        peak
+    });
+    // SAFETY: wait4 writes only the status it is given, for a child of this
+    // process; std's wait needs the Child, which callers keep elsewhere.
     #[allow(unsafe_code)]
-    let (rc, status, usage) = unsafe {
+    let (rc, status) = unsafe {
         let mut status: libc::c_int = 0;
-        let mut u: libc::rusage = std::mem::zeroed();
-        let rc = libc::wait4(pid, &mut status, 0, &mut u);
-        (rc, status, u)
+        let rc = libc::wait4(pid, &mut status, 0, std::ptr::null_mut());
+        (rc, status)
     };
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or(0);
     if rc < 0 {
         fail("waiting for the engine failed");
     }
     let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
-    (code, usage.ru_maxrss)
+    (code, peak)
 }
 
 /// Runs SQL with psql against database `db`; exits on failure.

@@ -54,6 +54,13 @@ pub struct CompiledRules {
     output: SchemaRef,
 }
 
+/// A rule's evaluation on one batch: not started, on a thread, or done.
+enum Job<'a, T> {
+    Waiting(&'a CompiledRule, Option<&'a mut Windows>),
+    Running(T),
+    Done(Result<(RecordBatch, BooleanArray), String>),
+}
+
 /// Hits of one rule in one batch.
 pub struct Hits {
     pub rule: String,
@@ -128,18 +135,63 @@ impl CompiledRules {
         windows: &mut HashMap<String, Windows>,
         arrival_us: i64,
     ) -> Result<(RecordBatch, Vec<Hits>), String> {
-        let mut alerts = Vec::new();
-        let mut hits = Vec::new();
+        // Each windowed rule runs on a thread of its own while this one
+        // evaluates the others: its time goes to per-key state spread over
+        // memory (cache misses), which threads overlap.
+        let mut states: HashMap<&str, &mut Windows> =
+            windows.iter_mut().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut jobs: Vec<(&CompiledRule, Option<&mut Windows>)> = Vec::with_capacity(self.rules.len());
         for rule in &self.rules {
-            let (scope, mask) = match &rule.window {
-                None => (batch.clone(), eval_bool(&rule.when, batch)?),
-                Some(w) => {
-                    let state = windows.get_mut(&w.signature).ok_or("window state missing")?;
+            let state = match &rule.window {
+                Some(w) => Some(states.remove(w.signature.as_str()).ok_or("window state missing")?),
+                None => None,
+            };
+            jobs.push((rule, state));
+        }
+        let fire = |rule: &CompiledRule,
+                    state: Option<&mut Windows>|
+         -> Result<(RecordBatch, BooleanArray), String> {
+            match (&rule.window, state) {
+                (Some(w), Some(state)) => {
                     let aug = with_aggregates(w, batch, state, arrival_us)?;
                     let mask = eval_bool(&rule.when, &aug)?;
-                    (aug, mask)
+                    Ok((aug, mask))
                 }
-            };
+                _ => Ok((batch.clone(), eval_bool(&rule.when, batch)?)),
+            }
+        };
+        let outcomes: Vec<Result<(RecordBatch, BooleanArray), String>> = std::thread::scope(|scope| {
+            // The windowed rules start first; then this thread does the rest.
+            let pending: Vec<_> = jobs
+                .into_iter()
+                .map(|(rule, state)| match state {
+                    Some(state) if batch.num_rows() > 0 => {
+                        Job::Running(scope.spawn(move || fire(rule, Some(state))))
+                    }
+                    state => Job::Waiting(rule, state),
+                })
+                .collect();
+            let done: Vec<_> = pending
+                .into_iter()
+                .map(|job| match job {
+                    Job::Waiting(rule, state) => Job::Done(fire(rule, state)),
+                    running => running,
+                })
+                .collect();
+            done.into_iter()
+                .map(|job| match job {
+                    Job::Running(thread) => {
+                        thread.join().unwrap_or_else(|_| Err("a windowed rule's thread panicked".into()))
+                    }
+                    Job::Done(outcome) => outcome,
+                    Job::Waiting(..) => Err("a rule was not evaluated".into()),
+                })
+                .collect()
+        });
+        let mut alerts = Vec::new();
+        let mut hits = Vec::new();
+        for (rule, outcome) in self.rules.iter().zip(outcomes) {
+            let (scope, mask) = outcome?;
             let count = mask.true_count();
             hits.push(Hits { rule: rule.id.clone(), mode: rule.mode, count });
             if count > 0 && rule.mode == RuleMode::Live {

@@ -135,7 +135,7 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
     crate::connectors::postgres::migrate_spec(&plan.spec).await?;
     let handle = http::recorder();
     let ctx = session();
-    let (ops, mut sinks, statuses) = build(plan, &ctx, &source_id, &source_schema).await?;
+    let (ops, sinks, statuses) = build(plan, &ctx, &source_id, &source_schema).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
@@ -155,36 +155,45 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
     let (tx, mut rx) = mpsc::channel::<Delivery>(4);
     let control = redis_source::Control { shutdown: stop_rx.clone(), connected: connected.clone() };
     let reader = spawn_source(plan, &source_id, &source, source_schema, tx, control, opts.max_events)?;
-    let mut acker = Acker::new(plan, &source)?;
-    let mut ex = Executor { ops, summary: Summary::default(), last_report: Instant::now(), last_events: 0 };
+    // Sinks and acknowledgements run in their own task, so batch N is
+    // written while the transforms run on batch N + 1; batches are still
+    // committed and acknowledged one at a time, in order.
+    let (commit_tx, commit_rx) = mpsc::channel::<Commit>(2);
+    let committer = Committer {
+        sinks,
+        acker: Acker::new(plan, &source)?,
+        summary: Summary::default(),
+        last_report: Instant::now(),
+        last_events: 0,
+        events,
+        stop: stop_tx.clone(),
+        max_events: opts.max_events,
+    };
+    let committing = tokio::spawn(committer.run(commit_rx, stop_rx.clone()));
+    let mut ex = Executor { ops };
     let mut failure = None;
     while let Some(d) = rx.recv().await {
-        let rows = d.batch.num_rows() as u64;
-        match ex.batch(&source_id, d.batch, &mut sinks, &stop_rx).await {
-            Ok(()) => {}
-            Err(Stop::Interrupted) => {
-                ex.summary.unfinished += 1;
-                break;
-            }
-            Err(Stop::Fatal(e)) => {
+        let events = d.batch.num_rows() as u64;
+        let outputs = match ex.batch(&source_id, d.batch).await {
+            Ok(o) => o,
+            Err(e) => {
                 failure = Some(e);
                 break;
             }
-        }
-        if let Err(e) = acker.ack(&d.ids, &stop_rx).await {
-            tracing::warn!("{e}; the batch will be delivered again");
-        }
-        metrics::histogram!("engine_batch_latency_seconds").record(d.first_at.elapsed().as_secs_f64());
-        let total = events.fetch_add(rows, Ordering::Relaxed) + rows;
-        ex.summary.events = total;
-        ex.summary.batches += 1;
-        ex.progress();
-        if opts.max_events.is_some_and(|m| total >= m) {
-            let _ = stop_tx.send(true);
+        };
+        if commit_tx.send(Commit { outputs, events, ids: d.ids, first_at: d.first_at }).await.is_err() {
+            break; // the committer stopped: its outcome says why
         }
     }
     let _ = stop_tx.send(true);
+    drop(commit_tx);
+    // What the source read after a failure is never acknowledged; stop it.
     drop(rx);
+    let (summary, committed) = match committing.await {
+        Ok(outcome) => outcome,
+        Err(e) => (Summary::default(), Err(Error::Internal(format!("sink task: {e}")))),
+    };
+    failure = failure.or(committed.err());
     match reader.await {
         Ok(Err(e)) => failure = failure.or(Some(e)),
         Err(e) => failure = failure.or(Some(Error::Internal(format!("source task: {e}")))),
@@ -192,53 +201,70 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
     }
     match failure {
         Some(e) => Err(e),
-        None => Ok(ex.summary),
+        None => Ok(summary),
     }
 }
 
-struct Executor {
-    ops: Vec<Op>,
+/// A transformed batch on its way to the sinks.
+struct Commit {
+    outputs: HashMap<String, Vec<RecordBatch>>,
+    /// Events of the source batch.
+    events: u64,
+    ids: Vec<String>,
+    first_at: Instant,
+}
+
+/// Writes each batch to every sink, then acknowledges it at the source.
+struct Committer {
+    sinks: Vec<SinkOp>,
+    acker: Acker,
     summary: Summary,
     last_report: Instant,
     last_events: u64,
+    events: Arc<AtomicU64>,
+    stop: Arc<watch::Sender<bool>>,
+    max_events: Option<u64>,
 }
 
-impl Executor {
-    /// Runs one micro-batch through the transforms and every sink.
-    async fn batch(
+impl Committer {
+    /// Commits batches until the executor is done or a sink stops the stream.
+    async fn run(
+        mut self,
+        mut batches: mpsc::Receiver<Commit>,
+        stop: watch::Receiver<bool>,
+    ) -> (Summary, Result<()>) {
+        while let Some(c) = batches.recv().await {
+            match self.commit(&c.outputs, &stop).await {
+                Ok(()) => {}
+                Err(Stop::Interrupted) => {
+                    self.summary.unfinished += 1 + batches.len() as u64;
+                    return (self.summary, Ok(()));
+                }
+                Err(Stop::Fatal(e)) => return (self.summary, Err(e)),
+            }
+            if let Err(e) = self.acker.ack(&c.ids, &stop).await {
+                tracing::warn!("{e}; the batch will be delivered again");
+            }
+            metrics::histogram!("engine_batch_latency_seconds").record(c.first_at.elapsed().as_secs_f64());
+            let rows = c.events;
+            let total = self.events.fetch_add(rows, Ordering::Relaxed) + rows;
+            self.summary.events = total;
+            self.summary.batches += 1;
+            self.progress();
+            if self.max_events.is_some_and(|m| total >= m) {
+                let _ = self.stop.send(true);
+            }
+        }
+        (self.summary, Ok(()))
+    }
+
+    /// Writes one batch's outputs to every sink, all at once.
+    async fn commit(
         &mut self,
-        source_id: &str,
-        batch: RecordBatch,
-        sinks: &mut [SinkOp],
+        outputs: &HashMap<String, Vec<RecordBatch>>,
         stop: &watch::Receiver<bool>,
     ) -> std::result::Result<(), Stop> {
-        let mut outputs: HashMap<String, Vec<RecordBatch>> = HashMap::new();
-        metrics::counter!("engine_events_out_total", "node" => source_id.to_string())
-            .increment(batch.num_rows() as u64);
-        outputs.insert(source_id.to_string(), vec![batch]);
-        for op in &mut self.ops {
-            let (id, rows_in, out) = match op {
-                Op::Rules(r) => {
-                    let input = outputs.get(&r.input).cloned().unwrap_or_default();
-                    let out = r.run(&input).map_err(Stop::Fatal)?;
-                    (r.id.clone(), rows(&input), vec![out])
-                }
-                Op::Sql(s) => {
-                    let mut rows_in = 0;
-                    for (name, slot) in &s.inputs {
-                        let input = outputs.get(name).cloned().unwrap_or_default();
-                        rows_in += rows(&input);
-                        slot.set(input);
-                    }
-                    (s.id.clone(), rows_in, s.run().await.map_err(Stop::Fatal)?)
-                }
-            };
-            tracing::debug!(node = %id, "{rows_in} rows in, {} out", rows(&out));
-            metrics::counter!("engine_events_in_total", "node" => id.clone()).increment(rows_in);
-            metrics::counter!("engine_events_out_total", "node" => id.clone()).increment(rows(&out));
-            outputs.insert(id, out);
-        }
-        let writes = sinks.iter_mut().map(|s| {
+        let writes = self.sinks.iter_mut().map(|s| {
             let input = outputs.get(&s.input).cloned().unwrap_or_default();
             async move {
                 let started = Instant::now();
@@ -269,6 +295,47 @@ impl Executor {
         tracing::info!("{} events ({rate:.0}/s); written: {}", self.summary.events, written.join(", "));
         self.last_report = Instant::now();
         self.last_events = self.summary.events;
+    }
+}
+
+struct Executor {
+    ops: Vec<Op>,
+}
+
+impl Executor {
+    /// Runs one micro-batch through the transforms: every node's output.
+    async fn batch(
+        &mut self,
+        source_id: &str,
+        batch: RecordBatch,
+    ) -> Result<HashMap<String, Vec<RecordBatch>>> {
+        let mut outputs: HashMap<String, Vec<RecordBatch>> = HashMap::new();
+        metrics::counter!("engine_events_out_total", "node" => source_id.to_string())
+            .increment(batch.num_rows() as u64);
+        outputs.insert(source_id.to_string(), vec![batch]);
+        for op in &mut self.ops {
+            let (id, rows_in, out) = match op {
+                Op::Rules(r) => {
+                    let input = outputs.get(&r.input).cloned().unwrap_or_default();
+                    let out = r.run(&input)?;
+                    (r.id.clone(), rows(&input), vec![out])
+                }
+                Op::Sql(s) => {
+                    let mut rows_in = 0;
+                    for (name, slot) in &s.inputs {
+                        let input = outputs.get(name).cloned().unwrap_or_default();
+                        rows_in += rows(&input);
+                        slot.set(input);
+                    }
+                    (s.id.clone(), rows_in, s.run().await?)
+                }
+            };
+            tracing::debug!(node = %id, "{rows_in} rows in, {} out", rows(&out));
+            metrics::counter!("engine_events_in_total", "node" => id.clone()).increment(rows_in);
+            metrics::counter!("engine_events_out_total", "node" => id.clone()).increment(rows(&out));
+            outputs.insert(id, out);
+        }
+        Ok(outputs)
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod dead_letter;
 pub mod sink;
 pub mod source;
+pub mod subscriber;
 
 use std::time::Duration;
 

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use futures::{FutureExt, StreamExt};
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, watch};
 
 use super::dead_letter::{DeadLetters, Letter};
+use super::subscriber::Subscriber;
 use super::{connect, read_reply, Backoff, Entry};
 use crate::stream::decode::Decoder;
 
@@ -245,42 +245,33 @@ impl Reader {
         backoff: &mut Backoff,
     ) -> Result<(), String> {
         let channel = self.cfg.channel.clone().unwrap_or_default();
-        let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
-        pubsub.subscribe(&channel).await.map_err(|e| e.to_string())?;
+        let mut sub = Subscriber::connect(client, &channel).await?;
         // Dead letters go out on a second connection: a subscribed one takes no other commands.
         let mut conn = connect(client, Duration::from_secs(1)).await.map_err(|e| e.to_string())?;
         up(&self.cfg, ctl, backoff);
-        let mut messages = pubsub.on_message();
         loop {
             if *ctl.shutdown.borrow() {
                 return Ok(());
             }
             let mut letters = Vec::new();
-            // Take what has arrived without a timer per message; wait only when nothing has.
-            let mut took = 0;
-            while took < self.cfg.max_rows && !self.due() {
-                match messages.next().now_or_never() {
-                    Some(Some(m)) => self.take(None, m.get_payload_bytes(), &mut letters),
-                    Some(None) => return Err(format!("subscription to '{channel}' ended")),
-                    None => break,
-                }
-                took += 1;
-            }
-            if took == 0 {
-                let wait = self.wait(Duration::from_millis(500));
-                let msg = tokio::select! {
-                    m = tokio::time::timeout(wait, messages.next()) => m,
-                    _ = ctl.shutdown.changed() => continue,
-                };
-                match msg {
-                    Ok(Some(m)) => self.take(None, m.get_payload_bytes(), &mut letters),
-                    Ok(None) => return Err(format!("subscription to '{channel}' ended")),
-                    Err(_) => {}
-                }
-            }
+            // Up to a full batch of what has arrived; the clock is read after.
+            sub.drain(|payload| {
+                self.take(None, payload, &mut letters);
+                self.decoder.rows() < self.cfg.max_rows
+            })?;
             dead.write(&mut conn, &letters).await?;
             if self.due() {
                 self.flush(out).await;
+                continue;
+            }
+            let wait = self.wait(Duration::from_millis(500));
+            tokio::select! {
+                read = tokio::time::timeout(wait, sub.fill()) => {
+                    if let Ok(Err(e)) = read {
+                        return Err(format!("subscription to '{channel}': {e}"));
+                    }
+                }
+                _ = ctl.shutdown.changed() => {}
             }
         }
     }
