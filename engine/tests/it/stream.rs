@@ -80,7 +80,7 @@ impl Setup {
                     format!("dead_letter: {{ stream: {stream}.dlq }}"),
                 ),
                 (
-                    "batch: { max_rows: 5000, max_wait: 20ms }",
+                    "batch: { max_rows: 10000, max_wait: 20ms }",
                     "batch: { max_rows: 200, max_wait: 20ms }".into(),
                 ),
                 ("channel: fraud_alerts", format!("channel: \"{stream}.alerts\"")),
