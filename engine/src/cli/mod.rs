@@ -15,7 +15,7 @@ use std::path::Path;
 use clap::{Parser, Subcommand};
 
 use crate::error::{Error, Result};
-use crate::plan::{self, Plan};
+use crate::plan::Plan;
 use crate::spec::{self, template, LoadOptions};
 
 #[derive(Debug, Parser)]
@@ -60,14 +60,14 @@ pub struct SpecArgs {
 impl SpecArgs {
     pub fn load_options(&self) -> Result<LoadOptions> {
         let vars = template::parse_var_flags(&self.vars).map_err(Error::Usage)?;
-        Ok(LoadOptions::from_environment(vars))
+        Ok(LoadOptions::from_environment(vars, crate::connectors::registry::catalog()))
     }
 }
 
 /// Reads and compiles one spec, printing its warnings.
 pub async fn compile(path: &Path, opts: &LoadOptions) -> Result<Plan> {
     let spec = spec::load(path, opts)?;
-    let plan = plan::compile(spec).await?;
+    let plan = crate::rules::analyze::compile(spec).await?;
     for w in plan.warnings.warnings() {
         eprintln!("{w}");
     }

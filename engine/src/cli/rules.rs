@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use super::SpecArgs;
 use crate::error::{Error, Result};
-use crate::rules;
 use crate::spec::model::Transform;
+use crate::spec::rules;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -49,7 +49,7 @@ pub async fn run(cmd: Command) -> Result<i32> {
                 spec.display()
             )));
         };
-        diags.extend(rules::compile::check_against(&set, schema.clone(), &key).await);
+        diags.extend(crate::rules::compile::check_against(&set, schema.clone(), &key).await);
     }
     diags.into_result()?;
     println!("ok: {} rules in {} files", set.len(), files.len());

@@ -1,78 +1,240 @@
-//! Connectors: one folder or file per system, and the exhaustive match that
-//! turns a source or sink of the spec into running code. Adding a system
-//! means one module here, one variant in `spec::model`, and the match arms the
-//! compiler then asks for.
+//! Connectors: one folder per system. Each owns the settings of its
+//! connections, sources and sinks (`config.rs`, the spec layer's
+//! [`crate::spec::connector`] traits) and implements the runtime traits here
+//! for them; [`registry`] lists every connector once. Adding a system means
+//! one folder and one registry entry: the traits' required methods are what
+//! the compiler asks for, and nothing else matches on kinds.
+//!
+//! The runtime traits:
+//! - [`BatchSource`]: a source of `engine run`, opened as a stream of Arrow
+//!   batches (incremental sources from a stored watermark).
+//! - [`StreamSource`]: a source of `engine stream`, pulled a micro-batch at a
+//!   time with [`StreamSource::next`]; each [`Delivery`] carries an opaque
+//!   [`Token`] that the source's [`Acker`] acknowledges once every sink has
+//!   committed the batch.
+//! - [`BatchSink`]: a sink of `engine run`; sinks on a connection whose
+//!   system has transactions ([`Transaction`]) load together in one, with the
+//!   run's watermarks.
+//! - [`StreamSink`]: a sink of `engine stream`, one micro-batch at a time.
+//! - [`Probe`]: what `engine validate --connect` checks.
 
 pub mod check;
+pub mod codec;
 pub mod file;
 pub mod generate;
+pub mod http;
 pub mod mongodb;
 pub mod postgres;
 pub mod redis;
+pub mod registry;
 pub mod stdout;
 
-use datafusion::arrow::json::writer::{LineDelimited, WriterBuilder};
+use std::any::Any;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
+use tokio::sync::watch;
 
 use crate::error::{Error, Result};
-use crate::spec::model::{Sink, Source};
+use crate::spec::model::Connection;
+use crate::spec::yaml::Sp;
 use crate::spec::Spec;
 
-/// Opens a source of a batch run as a stream of record batches.
-pub async fn open_source(
-    ctx: &SessionContext,
-    spec: &Spec,
-    id: &str,
-    source: &Source,
-    watermark: Option<&str>,
-) -> Result<SendableRecordBatchStream> {
-    match source {
-        Source::File(f) => file::open(ctx, spec, f).await,
-        Source::Generate(g) => generate::open(ctx, g).await,
-        Source::Postgres(p) => {
-            let name = p.connection.value();
-            let url = spec.pipeline.connections.get(name).map(|c| c.url().to_string()).unwrap_or_default();
-            postgres::source::open(name, &url, p, watermark).await
-        }
-        Source::Mongodb(m) => {
-            let (name, url, database) = mongo_connection(spec, m.connection.value())?;
-            mongodb::open(name, url, database, m).await
-        }
-        Source::Redis(_) => {
-            Err(Error::Usage(format!("source '{id}': redis sources run with `engine stream`")))
-        }
+/// The node a connector runs for: the spec (connections, paths) and its id.
+#[derive(Clone, Copy)]
+pub struct Node<'a> {
+    pub spec: &'a Spec,
+    pub id: &'a str,
+}
+
+impl<'a> Node<'a> {
+    /// The connection `name`, with its settings as the connector's type `T`.
+    pub fn connection<T: 'static>(&self, name: &Sp<String>) -> Result<(&'a str, &'a T)> {
+        let (key, c): (&'a String, &'a Connection) = self
+            .spec
+            .pipeline
+            .connections
+            .get_key_value(name.value())
+            .ok_or_else(|| Error::Internal(format!("connection '{}' is missing", name.value())))?;
+        let settings = c.settings::<T>().ok_or_else(|| {
+            Error::Internal(format!("connection '{key}' is not of the type '{}' needs", self.id))
+        })?;
+        Ok((key.as_str(), settings))
     }
 }
 
-/// Writes a stream into a sink that needs no connection; returns the rows written.
-pub async fn write_local(
-    spec: &Spec,
-    id: &str,
-    sink: &Sink,
-    input: SendableRecordBatchStream,
-) -> Result<u64> {
-    match sink {
-        Sink::File(f) => file::write(spec, f, input).await,
-        Sink::Stdout(s) => stdout::write(s, input).await,
-        Sink::Postgres(_) => Err(Error::Internal(format!("sink '{id}': postgres sinks load per connection"))),
-        Sink::Mongodb(m) => {
-            let (name, url, database) = mongo_connection(spec, m.connection.value())?;
-            mongodb::write(name, url, database, m, input).await
-        }
-        Sink::Redis(_) => Err(Error::Usage(format!(
-            "sink '{id}': writing to {} is not available in this version",
-            sink.kind().name()
-        ))),
+/// A source of a batch run.
+#[async_trait::async_trait]
+pub trait BatchSource: Send + Sync {
+    /// Opens the source as a stream of record batches; an incremental source
+    /// reads from `watermark` (with its lookback).
+    async fn open(
+        &self,
+        node: Node<'_>,
+        ctx: &SessionContext,
+        watermark: Option<&str>,
+    ) -> Result<SendableRecordBatchStream>;
+}
+
+/// What acknowledges a delivered batch, opaque to everyone but its source.
+pub struct Token(Option<Box<dyn Any + Send>>);
+
+impl Token {
+    /// Nothing to acknowledge (Pub/Sub, generated rows).
+    pub fn none() -> Self {
+        Token(None)
+    }
+
+    pub fn new<T: Any + Send>(value: T) -> Self {
+        Token(Some(Box::new(value)))
+    }
+
+    /// The source's own value, if this token carries one of type `T`.
+    pub fn take<T: Any>(self) -> Option<T> {
+        self.0.and_then(|b| b.downcast::<T>().ok()).map(|b| *b)
     }
 }
 
-/// The name, URL and database of a mongodb connection.
-fn mongo_connection<'a>(spec: &'a Spec, name: &'a str) -> Result<(&'a str, &'a str, &'a str)> {
-    match spec.pipeline.connections.get(name) {
-        Some(crate::spec::model::Connection::Mongodb(c)) => Ok((name, &c.url, &c.database)),
-        _ => Err(Error::Internal(format!("connection '{name}' is not a mongodb connection"))),
+/// A micro-batch and what acknowledges it.
+pub struct Delivery {
+    pub batch: RecordBatch,
+    pub token: Token,
+    /// When the batch's first event was read.
+    pub first_at: Instant,
+}
+
+/// What a stream source is opened with.
+pub struct StreamArgs {
+    /// The declared schema of the events.
+    pub schema: SchemaRef,
+    /// Turns true when the stream should stop; the source then hands over
+    /// what it has and ends.
+    pub shutdown: watch::Receiver<bool>,
+    /// Whether the source is connected to its system (for `/health`).
+    pub connected: Arc<AtomicBool>,
+    /// Stop after this many events (`--max-events`), where the source can.
+    pub limit: Option<u64>,
+}
+
+/// A source of a stream, pulled a micro-batch at a time.
+#[async_trait::async_trait]
+pub trait StreamSource: Send {
+    /// The next micro-batch; `None` once the source has ended (shutdown or limit).
+    async fn next(&mut self) -> Result<Option<Delivery>>;
+    /// What acknowledges this source's deliveries; it runs beside `next`.
+    fn acker(&self) -> Result<Box<dyn Acker>>;
+}
+
+/// Acknowledges deliveries, in order, once every sink committed them.
+#[async_trait::async_trait]
+pub trait Acker: Send {
+    /// Retries while the system is away, until `stop`; an error leaves the
+    /// batch to be delivered again.
+    async fn ack(&mut self, token: Token, stop: &watch::Receiver<bool>) -> std::result::Result<(), String>;
+}
+
+/// An acker for sources with nothing to acknowledge.
+pub struct NoAck;
+
+#[async_trait::async_trait]
+impl Acker for NoAck {
+    async fn ack(&mut self, _: Token, _: &watch::Receiver<bool>) -> std::result::Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Opens a stream source from its settings.
+pub trait OpenStream: Send + Sync {
+    fn open_stream(&self, node: Node<'_>, args: StreamArgs) -> Result<Box<dyn StreamSource>>;
+}
+
+/// One sink's input in a batch run.
+pub struct Load {
+    pub id: String,
+    pub input: SendableRecordBatchStream,
+}
+
+/// A watermark stored with a run's loads.
+pub struct Watermark {
+    pub table: String,
+    pub pipeline: String,
+    pub node: String,
+    pub value: String,
+}
+
+/// A sink of a batch run.
+#[async_trait::async_trait]
+pub trait BatchSink: Send + Sync {
+    /// The connection whose one transaction this sink's load joins, with
+    /// every other sink on it and the run's watermarks when they are kept
+    /// there (see [`Transaction`]); `None`: the sink loads alone.
+    fn transaction(&self) -> Option<&Sp<String>> {
+        None
+    }
+    /// Writes a sink that loads alone; returns the rows written.
+    async fn write(&self, node: Node<'_>, input: SendableRecordBatchStream) -> Result<u64>;
+}
+
+/// A connection whose system commits several sinks' loads and the run's
+/// watermarks in one transaction.
+#[async_trait::async_trait]
+pub trait Transaction: Send + Sync {
+    /// Loads every sink of `loads` (sinks of this connection, in order) and
+    /// stores `watermarks`, all or nothing; returns the rows per sink.
+    async fn load(
+        &self,
+        spec: &Spec,
+        name: &str,
+        loads: Vec<Load>,
+        watermarks: &[Watermark],
+    ) -> Result<Vec<u64>>;
+}
+
+/// A sink of a stream: each micro-batch is written and committed before the
+/// source acknowledges it.
+#[async_trait::async_trait]
+pub trait StreamSink: Send {
+    /// Writes and commits `batches` (never empty). `Error::External` means
+    /// the system is away and the same batch is tried again; anything else
+    /// stops the stream.
+    async fn write(&mut self, batches: &[RecordBatch]) -> Result<u64>;
+}
+
+/// Opens a stream sink from its settings.
+pub trait OpenStreamSink: Send + Sync {
+    fn open_stream(&self, node: Node<'_>) -> Result<Box<dyn StreamSink>>;
+}
+
+/// `engine validate --connect`: reaches the system and checks what can be
+/// checked there (tables exist, columns fit `input`).
+#[async_trait::async_trait]
+pub trait Probe: Send + Sync {
+    async fn probe(&self, node: Node<'_>, input: Option<SchemaRef>) -> Result<()>;
+}
+
+/// Exponential backoff between reconnection attempts: 100 ms doubling to 5 s.
+pub struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    pub fn wait(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        d
+    }
+
+    pub fn reset(&mut self) {
+        *self = Self::default();
     }
 }
 
@@ -86,36 +248,4 @@ pub fn external(system: &str, name: &str, url: &str, e: impl std::fmt::Display) 
     };
     let url = crate::spec::redact::redact_url(url);
     Error::External { system: format!("{system} connection '{name}' ({url})"), message: msg }
-}
-
-/// Rows as JSON objects, one per row; NULLs are written as `null`.
-pub fn json_rows(batches: &[RecordBatch]) -> std::result::Result<Vec<Vec<u8>>, String> {
-    let mut buf = Vec::new();
-    let mut w = WriterBuilder::new().with_explicit_nulls(true).build::<_, LineDelimited>(&mut buf);
-    for b in batches {
-        w.write(b).map_err(|e| e.to_string())?;
-    }
-    w.finish().map_err(|e| e.to_string())?;
-    drop(w);
-    Ok(buf.split(|c| *c == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect())
-}
-
-/// Rows as one JSON array of objects.
-pub fn json_array(batches: &[RecordBatch]) -> std::result::Result<String, String> {
-    let rows = json_rows(batches)?;
-    let mut out = Vec::with_capacity(rows.iter().map(|r| r.len() + 1).sum::<usize>() + 2);
-    out.push(b'[');
-    for (i, r) in rows.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(r);
-    }
-    out.push(b']');
-    String::from_utf8(out).map_err(|e| e.to_string())
-}
-
-/// A DataFusion error from reading or computing data.
-pub fn df_error(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::External { system: what.to_string(), message: crate::transform::sql::short(e) }
 }

@@ -9,9 +9,9 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 
 use super::{PlanNode, Problems, Role};
-use crate::spec::model::{Check, Sink, Source, Transform};
+use crate::spec::model::{Check, Transform};
+use crate::spec::sql;
 use crate::spec::suggest;
-use crate::transform::sql;
 
 pub(crate) struct Built {
     pub graph: DiGraph<PlanNode, ()>,
@@ -36,7 +36,7 @@ pub(crate) fn build(p: &mut Problems) -> Built {
         broken: HashSet::new(),
     };
     for (id, s) in &pipeline.sources {
-        b.add(id, Role::Source, s.kind().name(), source_detail(s), s.checks());
+        b.add(id, Role::Source, s.kind, detail(s.kind, s.settings.detail()), s.checks());
     }
     for (id, t) in &pipeline.transforms {
         let (kind, detail) = match t {
@@ -46,7 +46,7 @@ pub(crate) fn build(p: &mut Problems) -> Built {
         b.add(id, Role::Transform, kind, detail, t.checks());
     }
     for (id, s) in &pipeline.sinks {
-        b.add(id, Role::Sink, s.kind().name(), sink_detail(s), &[]);
+        b.add(id, Role::Sink, s.kind, detail(s.kind, s.settings.detail()), &[]);
     }
     for (id, t) in &pipeline.transforms {
         let (inputs, complete) = transform_inputs(p, id, t);
@@ -102,40 +102,12 @@ impl Built {
     }
 }
 
-fn source_detail(s: &Source) -> String {
-    match s {
-        Source::Postgres(x) => {
-            let what = x.table.as_ref().map(|t| t.value().clone()).unwrap_or_else(|| "query".into());
-            format!("postgres · {}.{what}", x.connection.value())
-        }
-        Source::Mongodb(x) => format!("mongodb · {}.{}", x.connection.value(), x.collection),
-        Source::File(x) => format!("file · {}", x.path.value()),
-        Source::Redis(x) => {
-            let what = x.stream.as_ref().or(x.channel.as_ref()).cloned().unwrap_or_default();
-            format!("redis · {}.{what}", x.connection.value())
-        }
-        Source::Generate(x) => match (&x.rows, &x.rate) {
-            (_, Some(rate)) => format!("generate · {}", rate.value()),
-            (Some(rows), _) => format!("generate · {rows} rows"),
-            _ => "generate".to_string(),
-        },
-    }
-}
-
-fn sink_detail(s: &Sink) -> String {
-    match s {
-        Sink::Postgres(x) => {
-            format!("postgres · {}.{} ({:?})", x.connection.value(), x.table, x.mode).to_lowercase()
-        }
-        Sink::Mongodb(x) => {
-            format!("mongodb · {}.{} ({:?})", x.connection.value(), x.collection, x.mode).to_lowercase()
-        }
-        Sink::Redis(x) => {
-            let what = x.stream.as_ref().or(x.channel.as_ref()).cloned().unwrap_or_default();
-            format!("redis · {}.{what}", x.connection.value())
-        }
-        Sink::File(x) => format!("file · {}", x.path.value()),
-        Sink::Stdout(_) => "stdout".to_string(),
+/// A graph label: `postgres · oltp.customers`, or the kind alone.
+fn detail(kind: &str, detail: String) -> String {
+    if detail.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind} · {detail}")
     }
 }
 

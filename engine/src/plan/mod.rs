@@ -18,8 +18,26 @@ use datafusion::arrow::datatypes::SchemaRef;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::error::{Diagnostic, Diagnostics, Pos, Result};
-use crate::rules::LoadedRule;
+use crate::spec::rules::LoadedRule;
 use crate::spec::Spec;
+
+/// What compiling needs from the layers above the plan, which know what SQL
+/// and rules mean: queries planned by DataFusion with the engine's functions,
+/// and rule sets compiled against the schema of their events. The plan only
+/// asks; `rules::analyze::Analyzer` answers for the engine.
+#[async_trait::async_trait]
+pub trait Analyzer: Sync {
+    /// The output schema of `sql` over empty tables with the given schemas.
+    async fn sql_schema(
+        &self,
+        inputs: &[(String, SchemaRef)],
+        sql: &str,
+    ) -> std::result::Result<SchemaRef, String>;
+    /// The problems of a rule set over events of `input` whose id column is `key`.
+    async fn check_rules(&self, rules: &[LoadedRule], input: SchemaRef, key: &str) -> Diagnostics;
+    /// The output of a rules transform over `input`.
+    fn alert_schema(&self, input: &SchemaRef) -> SchemaRef;
+}
 
 /// What a node of the DAG is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +121,13 @@ impl<'a> Problems<'a> {
         self.diags.push(Diagnostic::warning(&self.spec.file, pos, msg));
     }
 
+    /// Moves what a connector's checks found into the problems.
+    pub fn report(&mut self, cx: crate::spec::connector::Context) {
+        for (pos, msg) in cx.errors {
+            self.error(pos, msg);
+        }
+    }
+
     /// Where node `id` was declared.
     pub fn id_pos(&self, id: &str) -> Pos {
         self.spec.id_pos.get(id).copied().unwrap_or(Pos::new(1, 1))
@@ -110,12 +135,13 @@ impl<'a> Problems<'a> {
 }
 
 /// Builds and checks the DAG of a spec; every problem is reported at once.
-pub async fn compile(spec: Spec) -> Result<Plan> {
+/// `analyzer` plans the SQL and rules it holds (see [`Analyzer`]).
+pub async fn compile(spec: Spec, analyzer: &dyn Analyzer) -> Result<Plan> {
     let mut p = Problems { spec: &spec, diags: spec.diags.clone() };
     validate::nodes(&mut p);
     let built = graph::build(&mut p);
     let rules = validate::rules(&mut p, &built).await;
-    let schemas = validate::schemas(&mut p, &built, &rules).await;
+    let schemas = validate::schemas(&mut p, analyzer, &built, &rules).await;
     validate::tests(&mut p);
     let diags = std::mem::take(&mut p.diags);
     let warnings = diags.into_result()?;

@@ -2,18 +2,19 @@
 //! rule sets, schemas and the columns checks and rules name, and spec tests.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 
 use super::graph::Built;
+use super::Analyzer;
 use super::{schema, Problems};
 use crate::error::Pos;
-use crate::rules::{self, LoadedRule};
+use crate::spec::connector::Context;
 use crate::spec::model::*;
-use crate::spec::suggest;
+use crate::spec::rules::{self, column_hint, LoadedRule};
+use crate::spec::values::parse_max_failures;
 use crate::spec::yaml::Sp;
-use crate::transform::sql::{self, Planner};
+use crate::spec::{sql, suggest};
 
 // ------------------------------------------------------------------ settings
 
@@ -21,17 +22,15 @@ use crate::transform::sql::{self, Planner};
 pub(crate) fn nodes(p: &mut Problems) {
     let pl = &p.spec.pipeline;
     for (name, c) in &pl.connections {
-        if let Connection::Postgres(PostgresConnection { migrations: Some(m), .. }) = c {
-            if !p.spec.resolve(m.value()).is_dir() {
-                p.error(
-                    m.pos(),
-                    format!("connection '{name}': migrations folder '{}' does not exist", m.value()),
-                );
-            }
-        }
+        let at = p.spec.connection_pos.get(name).copied().unwrap_or(Pos::new(1, 1));
+        let mut cx = Context::new(p.spec, name, format!("connection '{name}'"), at);
+        c.settings.check(&mut cx);
+        p.report(cx);
     }
     for (id, s) in &pl.sources {
-        source(p, id, s);
+        let mut cx = Context::new(p.spec, id, format!("source '{id}'"), p.id_pos(id));
+        s.settings.check(&mut cx);
+        p.report(cx);
         for (i, c) in s.checks().iter().enumerate() {
             check(p, id, i, c);
         }
@@ -42,43 +41,47 @@ pub(crate) fn nodes(p: &mut Problems) {
         }
     }
     for (id, s) in &pl.sinks {
-        sink(p, id, s);
+        let mut cx = Context::new(p.spec, id, format!("sink '{id}'"), p.id_pos(id));
+        s.settings.check(&mut cx);
+        p.report(cx);
     }
-    if pl.mode == Mode::Stream {
-        stream_shape(p);
+    match pl.mode {
+        Mode::Stream => stream_shape(p),
+        Mode::Batch => batch_shape(p),
     }
     if let Some(q) = &pl.quarantine {
-        connection_of(p, "quarantine", &q.connection, ConnectionType::Postgres);
+        connection_of(p, "quarantine", &q.connection, "postgres");
     }
     if let Some(s) = &pl.state {
-        connection_of(p, "state", &s.connection, ConnectionType::Postgres);
+        connection_of(p, "state", &s.connection, "postgres");
     }
 }
 
 /// Checks that `name` is a connection of type `want`.
-fn connection_of(p: &mut Problems, what: &str, name: &Sp<String>, want: ConnectionType) {
-    match p.spec.pipeline.connections.get(name.value()) {
-        Some(c) if c.kind() == want => {}
-        Some(c) => p.error(
-            name.pos(),
-            format!(
-                "{what}: connection '{}' is of type '{}', but a '{}' connection is needed",
-                name.value(),
-                c.kind().name(),
-                want.name()
-            ),
-        ),
-        None => {
-            let hint = suggest::hint(name.value(), p.spec.pipeline.connections.keys().map(String::as_str));
-            p.error(name.pos(), format!("{what}: unknown connection '{}'{hint}", name.value()));
-        }
+fn connection_of(p: &mut Problems, what: &str, name: &Sp<String>, want: &str) {
+    let mut cx = Context::new(p.spec, what, what.to_string(), name.pos());
+    cx.connection_of(what, name, want);
+    p.report(cx);
+}
+
+/// `a, b or c`.
+fn or_list(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
     }
 }
 
-/// What a stream pipeline can hold: one redis or generate source, no checks,
-/// sinks that take micro-batches.
+/// What a stream pipeline can hold: one source of a kind that streams, no
+/// checks, sinks that take micro-batches.
 fn stream_shape(p: &mut Problems) {
     let pl = &p.spec.pipeline;
+    let catalog = p.spec.catalog;
+    let streaming_sources: Vec<&str> =
+        catalog.sources.iter().filter(|k| k.modes.stream).map(|k| k.name).collect();
+    let streaming_sinks: Vec<&str> =
+        catalog.sinks.iter().filter(|k| k.modes.stream).map(|k| k.name).collect();
     let mut problems = Vec::new();
     if pl.sources.len() > 1 {
         let first = pl.sources.keys().nth(1).cloned().unwrap_or_default();
@@ -86,10 +89,14 @@ fn stream_shape(p: &mut Problems) {
             .push((first.clone(), format!("source '{first}': a stream pipeline reads exactly one source")));
     }
     for (id, s) in &pl.sources {
-        if !matches!(s, Source::Redis(_) | Source::Generate(_)) {
+        if !catalog.source(s.kind).is_some_and(|k| k.modes.stream) {
             problems.push((
                 id.clone(),
-                format!("source '{id}': a stream reads redis or generate sources, not {}", s.kind().name()),
+                format!(
+                    "source '{id}': a stream reads {} sources, not {}",
+                    or_list(&streaming_sources),
+                    s.kind
+                ),
             ));
         }
         if !s.checks().is_empty() {
@@ -102,20 +109,13 @@ fn stream_shape(p: &mut Problems) {
         }
     }
     for (id, s) in &pl.sinks {
-        if let Sink::Postgres(PostgresSink { mode: WriteMode::Replace, .. }) = s {
+        if !catalog.sink(s.kind).is_some_and(|k| k.modes.stream) {
             problems.push((
                 id.clone(),
                 format!(
-                    "sink '{id}': 'mode: replace' rewrites the whole table; a stream sink appends or upserts"
-                ),
-            ));
-        }
-        if matches!(s, Sink::File(_) | Sink::Mongodb(_)) {
-            problems.push((
-                id.clone(),
-                format!(
-                    "sink '{id}': {} sinks are for batch runs; a stream writes to redis, postgres or stdout",
-                    s.kind().name()
+                    "sink '{id}': {} sinks are for batch runs; a stream writes to {}",
+                    s.kind,
+                    or_list(&streaming_sinks)
                 ),
             ));
         }
@@ -126,149 +126,30 @@ fn stream_shape(p: &mut Problems) {
     }
 }
 
-fn source(p: &mut Problems, id: &str, s: &Source) {
-    let what = format!("source '{id}'");
-    let at = p.id_pos(id);
-    let stream = p.spec.pipeline.mode == Mode::Stream;
-    match s {
-        Source::Postgres(x) => {
-            if x.table.is_some() == x.query.is_some() {
-                p.error(at, format!("{what}: give either 'table' or 'query'"));
-            }
-            if x.incremental.is_some() && p.spec.pipeline.state.is_none() {
-                p.error(at, format!("{what}: 'incremental' needs a 'state:' section to keep watermarks in"));
-            }
-            if let Some(inc) = &x.incremental {
-                duration(p, at, &what, "incremental.lookback", inc.lookback.as_deref());
-            }
-        }
-        Source::Mongodb(x) => {
-            if x.schema.is_empty() {
-                p.error(at, format!("{what}: 'schema' needs at least one column"));
-            }
-        }
-        Source::File(_) => {}
-        Source::Redis(x) => redis_source(p, id, x, stream),
-        Source::Generate(x) => generate(p, id, x, stream),
-    }
-    let batch = match s {
-        Source::Postgres(x) => &x.batch,
-        Source::Mongodb(x) => &x.batch,
-        Source::File(x) => &x.batch,
-        Source::Redis(x) => &x.batch,
-        Source::Generate(x) => &x.batch,
-    };
-    if let Some(b) = batch {
-        duration(p, at, &what, "batch.max_wait", b.max_wait.as_deref());
-    }
-}
-
-fn redis_source(p: &mut Problems, id: &str, x: &RedisSource, stream: bool) {
-    let what = format!("source '{id}'");
-    let at = p.id_pos(id);
-    if !stream {
-        p.error(at, format!("{what}: redis sources run in stream mode; set 'mode: stream'"));
-    }
-    match (&x.channel, &x.stream) {
-        (Some(_), Some(_)) | (None, None) => {
-            p.error(at, format!("{what}: give either 'channel' (Pub/Sub) or 'stream' (Redis Streams)"))
-        }
-        (Some(_), None) if x.group.is_some() => {
-            p.error(at, format!("{what}: 'group' applies to 'stream', not to 'channel'"))
-        }
-        (None, Some(_)) if x.group.is_none() => {
-            p.error(at, format!("{what}: 'stream' needs a consumer 'group'"))
-        }
-        _ => {}
-    }
-    if let Some(dl) = &x.dead_letter {
-        match (&dl.stream, &dl.connection, &dl.table) {
-            (Some(_), None, None) => {}
-            (None, Some(c), Some(_)) => {
-                connection_of(p, &format!("{what} dead_letter"), c, ConnectionType::Postgres)
-            }
-            _ => p.error(
-                at,
-                format!("{what}: 'dead_letter' takes either 'stream' or 'connection' with 'table'"),
-            ),
+/// Sources and sinks of a batch pipeline are kinds that run in batch.
+fn batch_shape(p: &mut Problems) {
+    let pl = &p.spec.pipeline;
+    let catalog = p.spec.catalog;
+    let mut problems = Vec::new();
+    for (id, s) in &pl.sources {
+        if !catalog.source(s.kind).is_some_and(|k| k.modes.batch) {
+            problems.push((
+                id.clone(),
+                format!("source '{id}': {} sources run in stream mode; set 'mode: stream'", s.kind),
+            ));
         }
     }
-}
-
-fn generate(p: &mut Problems, id: &str, x: &GenerateSource, stream: bool) {
-    let what = format!("source '{id}'");
-    let at = p.id_pos(id);
-    match (stream, x.rows.is_some(), &x.rate) {
-        (false, true, None) => {}
-        (false, _, _) => {
-            p.error(at, format!("{what}: in batch mode a generate source takes 'rows' (and no 'rate')"))
-        }
-        (true, false, Some(rate)) => {
-            if parse_rate(rate.value()).is_none() {
-                p.error(
-                    rate.pos(),
-                    format!("{what}: bad rate '{}'; write events per second, e.g. 5000/s", rate.value()),
-                );
-            }
-        }
-        (true, _, _) => {
-            p.error(at, format!("{what}: in stream mode a generate source takes 'rate' (and no 'rows')"))
+    for (id, s) in &pl.sinks {
+        if !catalog.sink(s.kind).is_some_and(|k| k.modes.batch) {
+            problems.push((
+                id.clone(),
+                format!("sink '{id}': {} sinks run in stream mode; set 'mode: stream'", s.kind),
+            ));
         }
     }
-    if x.columns.is_empty() {
-        p.error(at, format!("{what}: 'columns' needs at least one column"));
-    }
-    for (col, expr) in &x.columns {
-        if let Err(e) = sql::parse_expr(expr.value()) {
-            p.error(expr.pos(), format!("{what}: column '{col}': bad SQL expression: {e}"));
-        }
-    }
-}
-
-/// `5000/s` (also `/m`, `/h`) as events per second.
-pub fn parse_rate(rate: &str) -> Option<f64> {
-    let (n, unit) = rate.trim().split_once('/')?;
-    let n: f64 = n.trim().replace('_', "").parse().ok()?;
-    let per = match unit.trim() {
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return None,
-    };
-    (n > 0.0).then_some(n / per)
-}
-
-fn duration(p: &mut Problems, at: Pos, what: &str, key: &str, value: Option<&str>) {
-    if let Some(v) = value {
-        if humantime::parse_duration(v).is_err() {
-            p.error(at, format!("{what}: {key}: bad duration '{v}'; write e.g. 500ms, 30s, 10m, 1d"));
-        }
-    }
-}
-
-fn sink(p: &mut Problems, id: &str, s: &Sink) {
-    let what = format!("sink '{id}'");
-    let at = p.id_pos(id);
-    let (mode, key) = match s {
-        Sink::Postgres(x) => (x.mode, &x.key),
-        Sink::Mongodb(x) => (x.mode, &x.key),
-        Sink::Redis(x) => {
-            if x.channel.is_some() == x.stream.is_some() {
-                p.error(at, format!("{what}: give either 'channel' (PUBLISH) or 'stream' (XADD)"));
-            }
-            return;
-        }
-        Sink::File(_) | Sink::Stdout(_) => return,
-    };
-    let has_key = key.as_ref().is_some_and(|k| !k.is_empty());
-    match (mode, has_key) {
-        (WriteMode::Upsert, false) => {
-            p.error(at, format!("{what}: 'mode: upsert' needs 'key' (the key columns)"))
-        }
-        (WriteMode::Append | WriteMode::Replace, true) => {
-            p.error(at, format!("{what}: 'key' applies only to 'mode: upsert'"))
-        }
-        _ => {}
+    for (id, msg) in problems {
+        let at = p.id_pos(&id);
+        p.error(at, msg);
     }
 }
 
@@ -307,7 +188,14 @@ fn check(p: &mut Problems, id: &str, index: usize, c: &Check) {
         Check::RowCount(RowCountCheck { min: Some(a), max: Some(b), .. }) if a > b => {
             p.error(at, format!("{what}: 'min' {a} is above 'max' {b}"))
         }
-        Check::Freshness(x) => duration(p, at, &what, "max_age", Some(&x.max_age)),
+        Check::Freshness(x) => {
+            if humantime::parse_duration(&x.max_age).is_err() {
+                p.error(
+                    at,
+                    format!("{what}: max_age: bad duration '{}'; write e.g. 500ms, 30s, 10m, 1d", x.max_age),
+                );
+            }
+        }
         Check::AcceptedValues(x) if x.values.is_empty() => p.error(at, format!("{what}: 'values' is empty")),
         Check::Expression(x) => {
             if let Err(e) = sql::parse_expr(x.sql.value()) {
@@ -316,23 +204,6 @@ fn check(p: &mut Problems, id: &str, index: usize, c: &Check) {
         }
         Check::Relationships(x) => relationship_target(p, &what, &x.to),
         _ => {}
-    }
-}
-
-/// A count, or a percentage of the rows.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum MaxFailures {
-    Count(u64),
-    Percent(f64),
-}
-
-pub fn parse_max_failures(s: &str) -> Option<MaxFailures> {
-    let s = s.trim();
-    match s.strip_suffix('%') {
-        Some(pct) => {
-            pct.trim().parse::<f64>().ok().filter(|v| (0.0..=100.0).contains(v)).map(MaxFailures::Percent)
-        }
-        None => s.parse::<u64>().ok().map(MaxFailures::Count),
     }
 }
 
@@ -383,14 +254,15 @@ pub(crate) async fn rules(p: &mut Problems<'_>, _b: &Built) -> HashMap<String, V
 /// Output schemas known offline, and the columns checks and rules name.
 pub(crate) async fn schemas(
     p: &mut Problems<'_>,
+    a: &dyn Analyzer,
     b: &Built,
     rules: &HashMap<String, Vec<LoadedRule>>,
 ) -> HashMap<String, SchemaRef> {
     let mut known: HashMap<String, SchemaRef> = HashMap::new();
     for id in &b.order {
-        let schema = node_schema(p, b, rules, &known, id).await;
+        let schema = node_schema(p, a, b, rules, &known, id).await;
         if let Some(s) = schema {
-            check_columns(p, id, &s).await;
+            check_columns(p, a, id, &s).await;
             known.insert(id.clone(), s);
         }
     }
@@ -400,14 +272,15 @@ pub(crate) async fn schemas(
 
 async fn node_schema(
     p: &mut Problems<'_>,
+    a: &dyn Analyzer,
     b: &Built,
     rules: &HashMap<String, Vec<LoadedRule>>,
     known: &HashMap<String, SchemaRef>,
     id: &str,
 ) -> Option<SchemaRef> {
     let pl = &p.spec.pipeline;
-    if let Some(Source::Generate(g)) = pl.sources.get(id) {
-        return generated_schema(p, id, g).await;
+    if let Some(query) = pl.sources.get(id).and_then(|s| s.settings.schema_query()) {
+        return generated_schema(p, a, id, query).await;
     }
     if let Some(s) = pl.sources.get(id) {
         let declared = s.declared_schema()?;
@@ -430,27 +303,18 @@ async fn node_schema(
         inputs.iter().map(|i| known.get(i).map(|s| (i.clone(), s.clone()))).collect();
     let input_schemas = input_schemas?;
     match pl.transforms.get(id)? {
-        Transform::Sql(t) => {
-            let planner = Planner::new();
-            for (name, s) in &input_schemas {
-                if let Err(e) = planner.register_empty(name, s.clone()) {
-                    p.error(t.sql.pos(), format!("transform '{id}': {e}"));
-                    return None;
-                }
+        Transform::Sql(t) => match a.sql_schema(&input_schemas, t.sql.value()).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                p.error(t.sql.pos(), format!("transform '{id}': {e}"));
+                None
             }
-            match planner.output_schema(t.sql.value()).await {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    p.error(t.sql.pos(), format!("transform '{id}': {e}"));
-                    None
-                }
-            }
-        }
+        },
         Transform::Rules(t) => {
             let (_, input) = input_schemas.first()?;
             if input.field_with_name(t.key.value()).is_err() {
                 let cols: Vec<String> = input.fields().iter().map(|f| f.name().clone()).collect();
-                let hint = rules::column_hint(t.key.value(), &cols);
+                let hint = column_hint(t.key.value(), &cols);
                 p.error(
                     t.key.pos(),
                     format!(
@@ -461,18 +325,23 @@ async fn node_schema(
                 );
             }
             if let Some(set) = rules.get(id) {
-                let diags = rules::compile::check_against(set, input.clone(), t.key.value()).await;
+                let diags = a.check_rules(set, input.clone(), t.key.value()).await;
                 p.diags.extend(diags);
             }
-            Some(alert_schema(input))
+            Some(a.alert_schema(input))
         }
     }
 }
 
-/// The columns of a generate source, planned from its expressions.
-async fn generated_schema(p: &mut Problems<'_>, id: &str, g: &GenerateSource) -> Option<SchemaRef> {
-    let sql = crate::connectors::generate::sql(g, 1).ok()?;
-    match Planner::new().output_schema(&sql).await {
+/// The columns of a source computed by SQL (generate), planned offline.
+async fn generated_schema(
+    p: &mut Problems<'_>,
+    a: &dyn Analyzer,
+    id: &str,
+    query: Result<String, String>,
+) -> Option<SchemaRef> {
+    // A query that cannot be written was reported by the settings checks.
+    match a.sql_schema(&[], &query.ok()?).await {
         Ok(s) => Some(s),
         Err(e) => {
             p.error(p.id_pos(id), format!("source '{id}': {e}"));
@@ -481,22 +350,8 @@ async fn generated_schema(p: &mut Problems<'_>, id: &str, g: &GenerateSource) ->
     }
 }
 
-/// A rules transform's output: the event's columns and the alert's.
-pub fn alert_schema(input: &SchemaRef) -> SchemaRef {
-    let mut fields: Vec<Field> = vec![
-        Field::new("alert_id", DataType::Utf8, false),
-        Field::new("rule_id", DataType::Utf8, false),
-        Field::new("severity", DataType::Utf8, false),
-        Field::new("rules_version", DataType::Utf8, false),
-        Field::new("reason", DataType::Utf8, false),
-    ];
-    let taken: Vec<String> = fields.iter().map(|f| f.name().clone()).collect();
-    fields.extend(input.fields().iter().filter(|f| !taken.contains(f.name())).map(|f| f.as_ref().clone()));
-    Arc::new(Schema::new(fields))
-}
-
 /// The columns a node's checks name exist in its schema; expressions plan.
-async fn check_columns(p: &mut Problems<'_>, id: &str, schema: &SchemaRef) {
+async fn check_columns(p: &mut Problems<'_>, a: &dyn Analyzer, id: &str, schema: &SchemaRef) {
     let pl = &p.spec.pipeline;
     let checks: Vec<Check> = match (pl.sources.get(id), pl.transforms.get(id)) {
         (Some(s), _) => s.checks().to_vec(),
@@ -508,7 +363,7 @@ async fn check_columns(p: &mut Problems<'_>, id: &str, schema: &SchemaRef) {
         let at = p.spec.check_pos.get(&(id.to_string(), i)).copied().unwrap_or_else(|| p.id_pos(id));
         for col in c.columns() {
             if !cols.iter().any(|c| c == col) {
-                let hint = rules::column_hint(col, &cols);
+                let hint = column_hint(col, &cols);
                 p.error(
                     at,
                     format!(
@@ -519,11 +374,8 @@ async fn check_columns(p: &mut Problems<'_>, id: &str, schema: &SchemaRef) {
             }
         }
         if let Check::Expression(x) = c {
-            let planner = Planner::new();
-            let result = match planner.register_empty(id, schema.clone()) {
-                Ok(()) => planner.output_schema(&format!("SELECT ({}) AS ok FROM {id}", x.sql.value())).await,
-                Err(e) => Err(e),
-            };
+            let inputs = [(id.to_string(), schema.clone())];
+            let result = a.sql_schema(&inputs, &format!("SELECT ({}) AS ok FROM {id}", x.sql.value())).await;
             match result {
                 Ok(s) if s.field(0).data_type() == &DataType::Boolean => {}
                 Ok(s) => p.error(
@@ -554,7 +406,7 @@ fn relationship_columns(p: &mut Problems, known: &HashMap<String, SchemaRef>) {
         if let Some(s) = known.get(node) {
             if s.field_with_name(col).is_err() {
                 let cols: Vec<String> = s.fields().iter().map(|f| f.name().clone()).collect();
-                let hint = rules::column_hint(col, &cols);
+                let hint = column_hint(col, &cols);
                 p.error(
                     to.pos(),
                     format!("check 'relationships': column '{col}' is not in the output of '{node}'{hint}"),
@@ -617,7 +469,7 @@ pub(crate) fn tests(p: &mut Problems) {
                 let names: Vec<String> =
                     checks.iter().flat_map(|c| [c.kind().to_string(), c.name().to_string()]).collect();
                 if !names.contains(f) {
-                    let hint = rules::column_hint(f, &names);
+                    let hint = column_hint(f, &names);
                     errors.push((
                         name.pos(),
                         format!("test '{}': '{}' has no check '{f}'{hint}", t.name, name.value()),
@@ -628,20 +480,5 @@ pub(crate) fn tests(p: &mut Problems) {
     }
     for (pos, msg) in errors {
         p.error(pos, msg);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_rates_and_failures() {
-        assert_eq!(parse_rate("5000/s"), Some(5000.0));
-        assert_eq!(parse_rate("60/m"), Some(1.0));
-        assert_eq!(parse_rate("fast"), None);
-        assert_eq!(parse_max_failures("10"), Some(MaxFailures::Count(10)));
-        assert_eq!(parse_max_failures("0.5%"), Some(MaxFailures::Percent(0.5)));
-        assert_eq!(parse_max_failures("lots"), None);
     }
 }

@@ -4,9 +4,10 @@
 
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 
-use super::{column_hint, LoadedRule};
 use crate::error::Diagnostics;
-use crate::transform::sql::{self, Planner};
+use crate::spec::rules::{column_hint, LoadedRule};
+use crate::spec::sql;
+use crate::transform::sql::Planner;
 
 /// The table name rules are planned against.
 const EVENTS: &str = "__events";
@@ -36,7 +37,12 @@ pub async fn check_against(rules: &[LoadedRule], schema: SchemaRef, key: &str) -
             && (lr.rule.window.is_none() || lr.window_size().is_some())
     });
     if read_clean && !diags.has_errors() && schema.index_of(key).is_ok() {
-        if let Err(d) = super::eval::CompiledRules::build(&crate::stream::session(), rules, schema, key) {
+        if let Err(d) = super::eval::CompiledRules::build(
+            &crate::transform::sql::session(crate::transform::sql::Purpose::Stream),
+            rules,
+            schema,
+            key,
+        ) {
             diags.extend(d);
         }
     }

@@ -15,10 +15,10 @@ use datafusion::common::DFSchema;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 
+use super::batch::{reason_sql, version};
 use super::window::{self, Func, Key, Windows};
-use super::{LoadedRule, RuleMode};
 use crate::error::{Diagnostic, Diagnostics};
-use crate::transform::rules::{reason_sql, version};
+use crate::spec::rules::{LoadedRule, RuleMode};
 
 /// A compiled windowed rule.
 struct WindowPlan {
@@ -99,7 +99,7 @@ impl CompiledRules {
         if diags.has_errors() {
             return Err(diags);
         }
-        let output = crate::plan::validate::alert_schema(&input);
+        let output = super::alert_schema(&input);
         Ok(Self {
             version: version(rules),
             rules: compiled,
@@ -242,8 +242,8 @@ fn eval_bool(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Result<Boolea
 }
 
 fn physical(ctx: &SessionContext, sql: &str, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>, String> {
-    let expr = ctx.parse_sql_expr(sql, schema).map_err(crate::transform::sql::short)?;
-    ctx.create_physical_expr(expr, schema).map_err(crate::transform::sql::short)
+    let expr = ctx.parse_sql_expr(sql, schema).map_err(crate::spec::sql::short)?;
+    ctx.create_physical_expr(expr, schema).map_err(crate::spec::sql::short)
 }
 
 fn compile_rule(
@@ -421,9 +421,15 @@ mod tests {
         for (name, body) in files {
             std::fs::write(dir.path().join(name), body).unwrap();
         }
-        let (set, diags) = super::super::load(&super::super::files(dir.path()).unwrap());
+        let (set, diags) = crate::spec::rules::load(&crate::spec::rules::files(dir.path()).unwrap());
         assert!(!diags.has_errors(), "{diags}");
-        CompiledRules::build(&crate::stream::session(), &set, schema(), "transaction_id").unwrap()
+        CompiledRules::build(
+            &crate::transform::sql::session(crate::transform::sql::Purpose::Stream),
+            &set,
+            schema(),
+            "transaction_id",
+        )
+        .unwrap()
     }
 
     fn column(b: &RecordBatch, name: &str) -> Vec<String> {

@@ -38,16 +38,21 @@ pub struct Source {
 impl Source {
     /// Reads and compiles the rule files as they are now.
     pub async fn load(&self) -> std::result::Result<CompiledRules, String> {
-        let files = super::files(&self.target)?;
-        let (set, mut diags) = super::load(&files);
+        let files = crate::spec::rules::files(&self.target)?;
+        let (set, mut diags) = crate::spec::rules::load(&files);
         if !diags.has_errors() {
             diags.extend(super::compile::check_against(&set, self.schema.clone(), &self.key).await);
         }
         if diags.has_errors() {
             return Err(errors(&diags));
         }
-        CompiledRules::build(&crate::stream::session(), &set, self.schema.clone(), &self.key)
-            .map_err(|d| errors(&d))
+        CompiledRules::build(
+            &crate::transform::sql::session(crate::transform::sql::Purpose::Stream),
+            &set,
+            self.schema.clone(),
+            &self.key,
+        )
+        .map_err(|d| errors(&d))
     }
 }
 

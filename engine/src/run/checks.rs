@@ -1,140 +1,199 @@
-//! The check vocabulary as SQL over a node's materialized output.
-//!
-//! A row-level check (not_null, accepted_values, range, relationships,
-//! expression, unique) becomes a predicate that is true for failing rows, so
-//! the same SQL counts failures, samples them and, with `on_fail: quarantine`,
-//! splits the output into passing and quarantined rows. Table-level checks
-//! (row_count, freshness) become one aggregate query.
+//! The checks of a batch run: each check of a node runs as SQL over the
+//! node's file before any sink writes. `on_fail: quarantine` splits the file
+//! into passing rows (which flow on) and failing rows (kept for the
+//! quarantine table), and the check fails only past `max_failures`.
 
-use crate::spec::model::*;
-use crate::spec::yaml::Data;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::execution::SendableRecordBatchStream;
+use futures::StreamExt;
 
-/// How a check is evaluated.
-#[derive(Debug, Clone, PartialEq)]
-pub enum CheckSql {
-    /// Rows of `table` for which this predicate is true fail.
-    Rows { predicate: String, reason: String },
-    /// Rows whose `key` repeats (NULL keys aside). Found by an aggregate,
-    /// which spills to disk, rather than a join against the whole table.
-    Unique { key: String, not_null: String, reason: String },
-    /// One aggregate query returning a single value, compared in Rust.
-    RowCount { min: Option<u64>, max: Option<u64> },
-    /// The newest value of a column must be at most `max_age_secs` old.
-    Freshness { column: String, max_age_secs: u64 },
-}
+use super::check_sql::{self as sql_of, CheckSql};
+use super::report::CheckOutcome;
+use super::Executor;
+use crate::connectors::codec::json_values;
+use crate::connectors::postgres;
+use crate::error::{Error, Result};
+use crate::spec::model::{Check, OnFail, Severity};
+use crate::spec::sql::df_error;
+use crate::spec::values::{parse_max_failures, MaxFailures};
 
-/// Quotes an identifier for DataFusion SQL.
-pub fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+impl Executor<'_> {
+    /// Evaluates one check of node `id` on its current file.
+    pub(super) async fn check(
+        &mut self,
+        id: &str,
+        index: usize,
+        check: &Check,
+        rows: u64,
+    ) -> Result<CheckOutcome> {
+        let what = format!("check '{}' on '{id}'", check.name());
+        let table = crate::spec::sql::ident(id);
+        let opts = check.options();
+        let mut outcome = CheckOutcome::new(id, check);
+        match sql_of::compile(check) {
+            CheckSql::Rows { predicate, reason } => {
+                let failing = format!("SELECT * FROM {table} WHERE {predicate}");
+                let count =
+                    scalar_u64(&self.query(&what, &format!("SELECT count(*) FROM ({failing})")).await?);
+                self.row_check(id, index, check, rows, &predicate, reason, count, &mut outcome).await?;
+            }
+            CheckSql::Unique { key, not_null, reason } => {
+                let dups = self
+                    .query(&what, &format!("SELECT {key} AS k, count(*) AS n FROM {table} WHERE {not_null} GROUP BY {key} HAVING count(*) > 1"))
+                    .await?;
+                let count = sum_column(&dups, 1);
+                if count == 0 {
+                    outcome.message = "ok".into();
+                } else {
+                    // Few keys repeat: keep them in memory and find their rows.
+                    let name = format!("__dups_{id}_{index}");
+                    let schema = dups.first().map(|b| b.schema()).unwrap_or_else(|| {
+                        std::sync::Arc::new(datafusion::arrow::datatypes::Schema::empty())
+                    });
+                    let mem = datafusion::datasource::MemTable::try_new(schema, vec![dups])
+                        .map_err(|e| df_error(&what, e))?;
+                    self.ctx.deregister_table(name.as_str()).map_err(|e| df_error(&what, e))?;
+                    self.ctx
+                        .register_table(name.as_str(), std::sync::Arc::new(mem))
+                        .map_err(|e| df_error(&what, e))?;
+                    let predicate =
+                        format!("{not_null} AND {key} IN (SELECT k FROM {})", crate::spec::sql::ident(&name));
+                    self.row_check(id, index, check, rows, &predicate, reason, count, &mut outcome).await?;
+                }
+            }
+            CheckSql::RowCount { min, max } => {
+                let n = scalar_u64(&self.query(&what, &format!("SELECT count(*) FROM {table}")).await?);
+                outcome.passed = min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m);
+                outcome.message = format!("{n} rows");
+            }
+            CheckSql::Freshness { column, max_age_secs } => {
+                let sql = format!(
+                    "SELECT CAST(date_part('epoch', now()) - date_part('epoch', max({})) AS BIGINT) FROM {table}",
+                    crate::spec::sql::ident(&column)
+                );
+                let age = scalar_i64(&self.query(&what, &sql).await?);
+                outcome.passed = age.is_some_and(|a| a as u64 <= max_age_secs);
+                outcome.message = match age {
+                    Some(a) => format!("newest {column} is {a}s old (max {max_age_secs}s)"),
+                    None => format!("no {column} values"),
+                };
+            }
+        }
+        if !outcome.passed && opts.severity == Severity::Warn {
+            tracing::info!("{what}: {}", outcome.message);
+        }
+        Ok(outcome)
+    }
 
-/// A YAML value as a SQL literal.
-pub fn literal(v: &Data) -> String {
-    match &v.0 {
-        serde_json::Value::Null => "NULL".to_string(),
-        serde_json::Value::Bool(b) => b.to_string(),
-        serde_json::Value::Number(n) => n.to_string(),
-        serde_json::Value::String(s) => format!("'{}'", s.replace('\'', "''")),
-        other => format!("'{}'", other.to_string().replace('\'', "''")),
+    /// Samples, and with `on_fail: quarantine` moves out, the `count` rows
+    /// of node `id` for which `predicate` holds.
+    #[allow(clippy::too_many_arguments)]
+    async fn row_check(
+        &mut self,
+        id: &str,
+        index: usize,
+        check: &Check,
+        rows: u64,
+        predicate: &str,
+        reason: String,
+        count: u64,
+        outcome: &mut CheckOutcome,
+    ) -> Result<()> {
+        let what = format!("check '{}' on '{id}'", check.name());
+        let table = crate::spec::sql::ident(id);
+        let opts = check.options();
+        let failing = format!("SELECT * FROM {table} WHERE {predicate}");
+        outcome.failing_rows = count;
+        let samples = self.query(&what, &format!("{failing} LIMIT 10")).await?;
+        outcome.samples = json_values(&samples).map_err(|e| Error::Internal(format!("{what}: {e}")))?;
+        outcome.message = if count == 0 { "ok".into() } else { format!("{count} rows: {reason}") };
+        if opts.on_fail == OnFail::Quarantine && count > 0 {
+            let allowed = match opts.max_failures.and_then(parse_max_failures) {
+                Some(MaxFailures::Count(n)) => n,
+                Some(MaxFailures::Percent(p)) => ((rows as f64) * p / 100.0).floor() as u64,
+                None => 0,
+            };
+            outcome.passed = count <= allowed;
+            let failing_rows = self.stream(&what, &failing).await?;
+            self.quarantine_rows(id, check.name(), &reason, failing_rows).await?;
+            let passing =
+                self.stream(&what, &format!("SELECT * FROM {table} WHERE NOT ({predicate})")).await?;
+            let (path, _) = self.materialize(id, &format!("check{index}"), passing).await?;
+            self.register(id, &path).await?;
+            outcome.quarantined = count;
+            outcome.reason = Some(reason);
+        } else {
+            outcome.passed = count == 0;
+        }
+        Ok(())
+    }
+
+    /// Moves failing rows into the quarantine table (not in a dry run).
+    async fn quarantine_rows(
+        &mut self,
+        id: &str,
+        check: &str,
+        reason: &str,
+        mut rows: SendableRecordBatchStream,
+    ) -> Result<()> {
+        if self.opts.dry_run {
+            return Ok(());
+        }
+        let Some(q) = &self.plan.spec.pipeline.quarantine else {
+            return Err(Error::Internal("a quarantine check without a quarantine table".into()));
+        };
+        let name = q.connection.value();
+        let Some(conn) = self.plan.spec.pipeline.connections.get(name) else {
+            return Err(Error::Internal(format!("quarantine connection '{name}' is missing")));
+        };
+        let url = conn.url().to_string();
+        if self.quarantine.is_none() {
+            self.quarantine = Some(postgres::connect(name, &url).await?);
+        }
+        let run_id = self.report.run_id.clone();
+        let table = q.table.clone();
+        while let Some(batch) = rows.next().await {
+            let batch = batch.map_err(|e| df_error("quarantine", e))?;
+            let rejects: Vec<postgres::Reject> = json_values(&[batch])
+                .map_err(|e| Error::Internal(format!("quarantine of '{id}': {e}")))?
+                .into_iter()
+                .map(|row| postgres::Reject { reason: reason.to_string(), row })
+                .collect();
+            let conn =
+                self.quarantine.as_mut().ok_or_else(|| Error::Internal("quarantine connection".into()))?;
+            postgres::write_rejects(conn, &table, &run_id, id, check, &rejects)
+                .await
+                .map_err(|e| postgres::external(name, &url, e))?;
+        }
+        Ok(())
     }
 }
 
-/// The SQL of `check` over its node (the table named after the node id).
-pub fn compile(check: &Check) -> CheckSql {
-    let rows = |predicate: String, reason: String| CheckSql::Rows { predicate, reason };
-    match check {
-        Check::NotNull(c) => {
-            let cols = c.columns.names();
-            let pred = cols.iter().map(|c| format!("{} IS NULL", ident(c))).collect::<Vec<_>>().join(" OR ");
-            rows(pred, format!("NULL in {}", cols.join(", ")))
-        }
-        Check::AcceptedValues(c) => {
-            let values = c.values.iter().map(literal).collect::<Vec<_>>().join(", ");
-            let col = ident(&c.column);
-            rows(
-                format!("{col} IS NOT NULL AND {col} NOT IN ({values})"),
-                format!("{} not in the accepted values", c.column),
-            )
-        }
-        Check::Range(c) => {
-            let col = ident(&c.column);
-            let mut parts = Vec::new();
-            if let Some(min) = c.min {
-                parts.push(format!("{col} < {min}"));
-            }
-            if let Some(max) = c.max {
-                parts.push(format!("{col} > {max}"));
-            }
-            let bounds = format!("[{}, {}]", fmt_opt(c.min), fmt_opt(c.max));
-            rows(format!("COALESCE({}, false)", parts.join(" OR ")), format!("{} outside {bounds}", c.column))
-        }
-        Check::Expression(c) => {
-            let name = c.name.clone().unwrap_or_else(|| c.sql.value().clone());
-            rows(format!("({}) IS NOT TRUE", c.sql.value()), format!("{name} is not true"))
-        }
-        Check::Relationships(c) => {
-            let (node, col) = c.to.value().split_once('.').unwrap_or((c.to.value(), ""));
-            let me = ident(&c.column);
-            rows(
-                format!(
-                    "{me} IS NOT NULL AND {me} NOT IN (SELECT {} FROM {} WHERE {} IS NOT NULL)",
-                    ident(col),
-                    ident(node),
-                    ident(col)
-                ),
-                format!("{} not found in {}", c.column, c.to.value()),
-            )
-        }
-        Check::Unique(c) => {
-            let cols = c.columns.names();
-            let not_null =
-                cols.iter().map(|c| format!("{} IS NOT NULL", ident(c))).collect::<Vec<_>>().join(" AND ");
-            CheckSql::Unique {
-                key: key_expr(&cols),
-                not_null,
-                reason: format!("duplicate {}", cols.join(", ")),
-            }
-        }
-        Check::RowCount(c) => CheckSql::RowCount { min: c.min, max: c.max },
-        Check::Freshness(c) => CheckSql::Freshness {
-            column: c.column.clone(),
-            max_age_secs: humantime::parse_duration(&c.max_age).map(|d| d.as_secs()).unwrap_or(0),
-        },
-    }
+fn scalar_u64(batches: &[RecordBatch]) -> u64 {
+    scalar_i64(batches).unwrap_or(0).max(0) as u64
 }
 
-/// One column as itself; several as one stable key (their surrogate key).
-fn key_expr(cols: &[&str]) -> String {
-    match cols {
-        [one] => ident(one),
-        many => format!("surrogate_key({})", many.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ")),
-    }
+/// The sum of an integer column over batches.
+fn sum_column(batches: &[RecordBatch], col: usize) -> u64 {
+    use datafusion::arrow::array::{Array, Int64Array};
+    batches
+        .iter()
+        .filter_map(|b| {
+            datafusion::arrow::compute::cast(b.column(col), &datafusion::arrow::datatypes::DataType::Int64)
+                .ok()
+        })
+        .map(|a| {
+            a.as_any().downcast_ref::<Int64Array>().map(|a| a.iter().flatten().sum::<i64>()).unwrap_or(0)
+        })
+        .sum::<i64>()
+        .max(0) as u64
 }
 
-fn fmt_opt(v: Option<f64>) -> String {
-    v.map(|v| v.to_string()).unwrap_or_else(|| "..".to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::spec::model::Columns;
-
-    #[test]
-    fn row_checks_are_predicates() {
-        let c = Check::NotNull(NotNullCheck {
-            columns: Columns::Many(vec!["a".into(), "b".into()]),
-            severity: Severity::Error,
-            on_fail: OnFail::Fail,
-            max_failures: None,
-            name: None,
-        });
-        assert_eq!(
-            compile(&c),
-            CheckSql::Rows {
-                predicate: "\"a\" IS NULL OR \"b\" IS NULL".into(),
-                reason: "NULL in a, b".into()
-            }
-        );
-    }
+fn scalar_i64(batches: &[RecordBatch]) -> Option<i64> {
+    use datafusion::arrow::array::{Array, Int64Array};
+    let b = batches.iter().find(|b| b.num_rows() > 0)?;
+    let col =
+        datafusion::arrow::compute::cast(b.column(0), &datafusion::arrow::datatypes::DataType::Int64).ok()?;
+    let a = col.as_any().downcast_ref::<Int64Array>()?;
+    (!a.is_null(0)).then(|| a.value(0))
 }

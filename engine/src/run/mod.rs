@@ -8,10 +8,14 @@
 //! passing and quarantined rows. A failing check of severity `error` ends the
 //! run with status 1 and nothing written.
 
-pub mod checks;
+mod check_sql;
+mod checks;
 mod ipc;
 pub mod report;
+mod sinks;
+mod sources;
 pub mod spec_test;
+mod watermarks;
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -22,16 +26,16 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::writer::FileWriter;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
-use crate::connectors::{self, df_error, postgres};
+use crate::connectors::postgres;
 use crate::error::{Error, Result};
-use crate::plan::validate::{parse_max_failures, MaxFailures};
 use crate::plan::Plan;
-use crate::spec::model::{Check, OnFail, PostgresSink, PostgresSource, Severity, Sink, Source, Transform};
-use checks::CheckSql;
-use report::{CheckOutcome, NodeReport, RunReport, Status};
+use crate::spec::model::{Check, Severity, Transform};
+use crate::spec::sql::df_error;
+
+use report::{NodeReport, RunReport, Status};
 
 /// How `engine run` runs.
 #[derive(Debug, Clone, Default)]
@@ -82,7 +86,10 @@ pub(crate) async fn run_collect(
     let mut outputs = std::collections::HashMap::new();
     if outcome.is_ok() {
         for n in nodes {
-            match ex.query(&format!("node '{n}'"), &format!("SELECT * FROM {}", checks::ident(n))).await {
+            match ex
+                .query(&format!("node '{n}'"), &format!("SELECT * FROM {}", crate::spec::sql::ident(n)))
+                .await
+            {
                 Ok(b) => {
                     outputs.insert(n.clone(), b);
                 }
@@ -91,20 +98,6 @@ pub(crate) async fn run_collect(
         }
     }
     (ex.report, outcome.map(|_| outputs))
-}
-
-/// A session with the engine's functions and a memory limit that makes large
-/// joins and aggregates spill to disk instead of growing without bound.
-pub fn session() -> SessionContext {
-    let config = SessionConfig::new().with_target_partitions(2).with_batch_size(8192);
-    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-        .with_memory_limit(512 * 1024 * 1024, 1.0)
-        .build_arc()
-        .unwrap_or_default();
-    let ctx = SessionContext::new_with_config_rt(config, runtime);
-    crate::transform::sql::register_functions(&ctx);
-    crate::transform::generate::register(&ctx);
-    ctx
 }
 
 struct Executor<'a> {
@@ -128,7 +121,16 @@ impl<'a> Executor<'a> {
             .map_err(|e| Error::io(&std::env::temp_dir(), e))?;
         let selected = select(plan, &opts.select)?;
         let report = RunReport::new(&plan.spec.pipeline.name);
-        Ok(Self { plan, opts, ctx: session(), dir, selected, report, quarantine: None, watermarks: vec![] })
+        Ok(Self {
+            plan,
+            opts,
+            ctx: crate::transform::sql::session(crate::transform::sql::Purpose::Batch),
+            dir,
+            selected,
+            report,
+            quarantine: None,
+            watermarks: vec![],
+        })
     }
 
     async fn run_nodes(&mut self) -> Result<()> {
@@ -161,11 +163,7 @@ impl<'a> Executor<'a> {
         let (role, stream) = if let (Some(given), Some(src)) = (given, pipeline.sources.get(id)) {
             ("source", self.given_stream(id, src, given).await?)
         } else if let Some(src) = pipeline.sources.get(id) {
-            let watermark = self.stored_watermark(id, src).await?;
-            (
-                "source",
-                connectors::open_source(&self.ctx, &self.plan.spec, id, src, watermark.as_deref()).await?,
-            )
+            ("source", self.open_source(id, src).await?)
         } else {
             let Some(t) = pipeline.transforms.get(id) else { return Ok(()) };
             let stream = match t {
@@ -184,10 +182,9 @@ impl<'a> Executor<'a> {
                     let columns: Vec<String> =
                         table.schema().fields().iter().map(|f| f.name().clone()).collect();
                     let rules = self.plan.rules.get(id).map(Vec::as_slice).unwrap_or_default();
-                    let version = crate::transform::rules::version(rules);
-                    let sql =
-                        crate::transform::rules::batch_sql(input, r.key.value(), rules, &columns, &version)
-                            .map_err(|e| Error::Usage(format!("{what}: {e}")))?;
+                    let version = crate::rules::batch::version(rules);
+                    let sql = crate::rules::batch::batch_sql(input, r.key.value(), rules, &columns, &version)
+                        .map_err(|e| Error::Usage(format!("{what}: {e}")))?;
                     self.stream(&what, &sql).await?
                 }
             };
@@ -196,19 +193,8 @@ impl<'a> Executor<'a> {
         let rows_in = self.input_rows(id);
         let (path, rows) = self.materialize(id, "out", stream).await?;
         self.register(id, &path).await?;
-        if let Some(Source::Postgres(PostgresSource { incremental: Some(inc), .. })) =
-            pipeline.sources.get(id)
-        {
-            if rows > 0 {
-                let sql = format!(
-                    "SELECT CAST(max({}) AS VARCHAR) FROM {}",
-                    checks::ident(&inc.column),
-                    checks::ident(id)
-                );
-                if let Some(wm) = scalar_string(&self.query(&format!("source '{id}'"), &sql).await?) {
-                    self.watermarks.push((id.to_string(), wm));
-                }
-            }
+        if rows > 0 {
+            self.note_watermark(id).await?;
         }
         let mut node = NodeReport::new(id, role, rows_in, rows);
         let checks: Vec<Check> = match (pipeline.sources.get(id), pipeline.transforms.get(id)) {
@@ -313,295 +299,6 @@ impl<'a> Executor<'a> {
         let df = self.ctx.sql(sql).await.map_err(|e| df_error(what, e))?;
         df.execute_stream().await.map_err(|e| df_error(what, e))
     }
-
-    /// Evaluates one check of node `id` on its current file.
-    async fn check(&mut self, id: &str, index: usize, check: &Check, rows: u64) -> Result<CheckOutcome> {
-        let what = format!("check '{}' on '{id}'", check.name());
-        let table = checks::ident(id);
-        let opts = check.options();
-        let mut outcome = CheckOutcome::new(id, check);
-        match checks::compile(check) {
-            CheckSql::Rows { predicate, reason } => {
-                let failing = format!("SELECT * FROM {table} WHERE {predicate}");
-                let count =
-                    scalar_u64(&self.query(&what, &format!("SELECT count(*) FROM ({failing})")).await?);
-                self.row_check(id, index, check, rows, &predicate, reason, count, &mut outcome).await?;
-            }
-            CheckSql::Unique { key, not_null, reason } => {
-                let dups = self
-                    .query(&what, &format!("SELECT {key} AS k, count(*) AS n FROM {table} WHERE {not_null} GROUP BY {key} HAVING count(*) > 1"))
-                    .await?;
-                let count = sum_column(&dups, 1);
-                if count == 0 {
-                    outcome.message = "ok".into();
-                } else {
-                    // Few keys repeat: keep them in memory and find their rows.
-                    let name = format!("__dups_{id}_{index}");
-                    let schema = dups.first().map(|b| b.schema()).unwrap_or_else(|| {
-                        std::sync::Arc::new(datafusion::arrow::datatypes::Schema::empty())
-                    });
-                    let mem = datafusion::datasource::MemTable::try_new(schema, vec![dups])
-                        .map_err(|e| df_error(&what, e))?;
-                    self.ctx.deregister_table(name.as_str()).map_err(|e| df_error(&what, e))?;
-                    self.ctx
-                        .register_table(name.as_str(), std::sync::Arc::new(mem))
-                        .map_err(|e| df_error(&what, e))?;
-                    let predicate =
-                        format!("{not_null} AND {key} IN (SELECT k FROM {})", checks::ident(&name));
-                    self.row_check(id, index, check, rows, &predicate, reason, count, &mut outcome).await?;
-                }
-            }
-            CheckSql::RowCount { min, max } => {
-                let n = scalar_u64(&self.query(&what, &format!("SELECT count(*) FROM {table}")).await?);
-                outcome.passed = min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m);
-                outcome.message = format!("{n} rows");
-            }
-            CheckSql::Freshness { column, max_age_secs } => {
-                let sql = format!(
-                    "SELECT CAST(date_part('epoch', now()) - date_part('epoch', max({})) AS BIGINT) FROM {table}",
-                    checks::ident(&column)
-                );
-                let age = scalar_i64(&self.query(&what, &sql).await?);
-                outcome.passed = age.is_some_and(|a| a as u64 <= max_age_secs);
-                outcome.message = match age {
-                    Some(a) => format!("newest {column} is {a}s old (max {max_age_secs}s)"),
-                    None => format!("no {column} values"),
-                };
-            }
-        }
-        if !outcome.passed && opts.severity == Severity::Warn {
-            tracing::info!("{what}: {}", outcome.message);
-        }
-        Ok(outcome)
-    }
-
-    /// Samples, and with `on_fail: quarantine` moves out, the `count` rows
-    /// of node `id` for which `predicate` holds.
-    #[allow(clippy::too_many_arguments)]
-    async fn row_check(
-        &mut self,
-        id: &str,
-        index: usize,
-        check: &Check,
-        rows: u64,
-        predicate: &str,
-        reason: String,
-        count: u64,
-        outcome: &mut CheckOutcome,
-    ) -> Result<()> {
-        let what = format!("check '{}' on '{id}'", check.name());
-        let table = checks::ident(id);
-        let opts = check.options();
-        let failing = format!("SELECT * FROM {table} WHERE {predicate}");
-        outcome.failing_rows = count;
-        outcome.samples = to_json_rows(&self.query(&what, &format!("{failing} LIMIT 10")).await?);
-        outcome.message = if count == 0 { "ok".into() } else { format!("{count} rows: {reason}") };
-        if opts.on_fail == OnFail::Quarantine && count > 0 {
-            let allowed = match opts.max_failures.and_then(parse_max_failures) {
-                Some(MaxFailures::Count(n)) => n,
-                Some(MaxFailures::Percent(p)) => ((rows as f64) * p / 100.0).floor() as u64,
-                None => 0,
-            };
-            outcome.passed = count <= allowed;
-            let failing_rows = self.stream(&what, &failing).await?;
-            self.quarantine_rows(id, check.name(), &reason, failing_rows).await?;
-            let passing =
-                self.stream(&what, &format!("SELECT * FROM {table} WHERE NOT ({predicate})")).await?;
-            let (path, _) = self.materialize(id, &format!("check{index}"), passing).await?;
-            self.register(id, &path).await?;
-            outcome.quarantined = count;
-            outcome.reason = Some(reason);
-        } else {
-            outcome.passed = count == 0;
-        }
-        Ok(())
-    }
-
-    /// Moves failing rows into the quarantine table (not in a dry run).
-    async fn quarantine_rows(
-        &mut self,
-        id: &str,
-        check: &str,
-        reason: &str,
-        mut rows: SendableRecordBatchStream,
-    ) -> Result<()> {
-        if self.opts.dry_run {
-            return Ok(());
-        }
-        let Some(q) = &self.plan.spec.pipeline.quarantine else {
-            return Err(Error::Internal("a quarantine check without a quarantine table".into()));
-        };
-        let name = q.connection.value();
-        let Some(conn) = self.plan.spec.pipeline.connections.get(name) else {
-            return Err(Error::Internal(format!("quarantine connection '{name}' is missing")));
-        };
-        let url = conn.url().to_string();
-        if self.quarantine.is_none() {
-            self.quarantine = Some(postgres::connect(name, &url).await?);
-        }
-        let run_id = self.report.run_id.clone();
-        let table = q.table.clone();
-        while let Some(batch) = rows.next().await {
-            let batch = batch.map_err(|e| df_error("quarantine", e))?;
-            let rejects: Vec<postgres::Reject> = to_json_rows(&[batch])
-                .into_iter()
-                .map(|row| postgres::Reject { reason: reason.to_string(), row })
-                .collect();
-            let conn =
-                self.quarantine.as_mut().ok_or_else(|| Error::Internal("quarantine connection".into()))?;
-            postgres::write_rejects(conn, &table, &run_id, id, check, &rejects)
-                .await
-                .map_err(|e| postgres::external(name, &url, e))?;
-        }
-        Ok(())
-    }
-
-    /// A test's rows for a source; no rows (with the source's schema, when
-    /// it is known) for a source the test does not name.
-    async fn given_stream(
-        &self,
-        id: &str,
-        src: &Source,
-        rows: Option<&RecordBatch>,
-    ) -> Result<SendableRecordBatchStream> {
-        let batch =
-            match rows {
-                Some(b) => b.clone(),
-                None => {
-                    let schema = self.plan.schemas.get(id).cloned().or_else(|| {
-                        src.declared_schema().and_then(|d| crate::plan::schema::from_declared(d).ok())
-                    });
-                    RecordBatch::new_empty(schema.unwrap_or_else(|| {
-                        std::sync::Arc::new(datafusion::arrow::datatypes::Schema::empty())
-                    }))
-                }
-            };
-        let df = self.ctx.read_batch(batch).map_err(|e| df_error(&format!("source '{id}'"), e))?;
-        df.execute_stream().await.map_err(|e| df_error(&format!("source '{id}'"), e))
-    }
-
-    /// The stored watermark of an incremental postgres source, unless `--full-refresh`.
-    async fn stored_watermark(&self, id: &str, src: &Source) -> Result<Option<String>> {
-        let Source::Postgres(PostgresSource { incremental: Some(_), .. }) = src else { return Ok(None) };
-        let Some(state) = &self.plan.spec.pipeline.state else { return Ok(None) };
-        if self.opts.full_refresh {
-            return Ok(None);
-        }
-        let name = state.connection.value();
-        let url =
-            self.plan.spec.pipeline.connections.get(name).map(|c| c.url().to_string()).unwrap_or_default();
-        let mut conn = postgres::connect(name, &url).await?;
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(postgres::quote_table(&state.table))
-            .fetch_one(&mut conn)
-            .await
-            .map_err(|e| postgres::external(name, &url, e))?;
-        if !exists {
-            // Not migrated yet (a dry run before the first run): no watermarks.
-            return Ok(None);
-        }
-        let sql = format!(
-            "SELECT watermark FROM {} WHERE pipeline = $1 AND node = $2",
-            postgres::quote_table(&state.table)
-        );
-        sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
-            .bind(&self.plan.spec.pipeline.name)
-            .bind(id)
-            .fetch_optional(&mut conn)
-            .await
-            .map_err(|e| {
-                postgres::external(name, &url, format!("reading watermarks from '{}': {e}", state.table))
-            })
-    }
-
-    /// A stream of a node's current output.
-    async fn output(&self, id: &str, node: &str) -> Result<SendableRecordBatchStream> {
-        self.stream(&format!("sink '{id}'"), &format!("SELECT * FROM {}", checks::ident(node))).await
-    }
-
-    /// Writes every selected sink: postgres sinks per connection in one
-    /// transaction with the run's watermarks, the others one by one.
-    async fn write_sinks(&mut self) -> Result<()> {
-        let pipeline = &self.plan.spec.pipeline;
-        // Declaration order: on one connection, sinks load in the order they
-        // are written, so a table is loaded before the tables referencing it.
-        let sinks: Vec<(&String, &Sink)> =
-            pipeline.sinks.iter().filter(|(id, _)| self.selected.contains(*id)).collect();
-        let mut groups: indexmap::IndexMap<String, Vec<(&String, &PostgresSink)>> = indexmap::IndexMap::new();
-        for (id, sink) in &sinks {
-            if let Sink::Postgres(p) = sink {
-                groups.entry(p.connection.value().clone()).or_default().push((id, p));
-            }
-        }
-        let state_conn = pipeline.state.as_ref().map(|s| s.connection.value().clone());
-        if let Some(sc) = &state_conn {
-            if !self.watermarks.is_empty() && !groups.contains_key(sc) {
-                groups.insert(sc.clone(), vec![]);
-            }
-        }
-        for (name, members) in groups {
-            let started = Instant::now();
-            let url = pipeline.connections.get(&name).map(|c| c.url().to_string()).unwrap_or_default();
-            let mut loads = Vec::new();
-            for (id, p) in &members {
-                loads.push(postgres::sink::Load {
-                    id,
-                    sink: p,
-                    input: self.output(id, p.input.value()).await?,
-                });
-            }
-            let marks =
-                if state_conn.as_deref() == Some(name.as_str()) { self.watermark_rows() } else { vec![] };
-            let bar = self.progress(&format!("loading {} sinks into '{name}'", members.len()));
-            let written = if self.opts.dry_run {
-                members.iter().map(|(id, _)| (id.to_string(), 0)).collect()
-            } else {
-                postgres::sink::load_all(&name, &url, loads, &marks).await?
-            };
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
-            let seconds = started.elapsed().as_secs_f64() / members.len().max(1) as f64;
-            for ((id, p), (_, rows)) in members.iter().zip(written) {
-                self.sink_report(id, p.input.value(), rows, seconds);
-            }
-        }
-        for (id, sink) in sinks {
-            if matches!(sink, Sink::Postgres(_)) {
-                continue;
-            }
-            let started = Instant::now();
-            let input = sink.input().value();
-            let stream = self.output(id, input).await?;
-            let rows = if self.opts.dry_run {
-                0
-            } else {
-                connectors::write_local(&self.plan.spec, id, sink, stream).await?
-            };
-            self.sink_report(id, input, rows, started.elapsed().as_secs_f64());
-        }
-        Ok(())
-    }
-
-    fn watermark_rows(&self) -> Vec<postgres::sink::Watermark> {
-        let Some(state) = &self.plan.spec.pipeline.state else { return vec![] };
-        self.watermarks
-            .iter()
-            .map(|(node, value)| postgres::sink::Watermark {
-                table: state.table.clone(),
-                pipeline: self.plan.spec.pipeline.name.clone(),
-                node: node.clone(),
-                value: value.clone(),
-            })
-            .collect()
-    }
-
-    fn sink_report(&mut self, id: &str, input: &str, rows: u64, seconds: f64) {
-        let rows_in = self.report.nodes.iter().find(|n| n.node == input).map(|n| n.rows_out);
-        let mut node = NodeReport::new(id, "sink", rows_in, rows);
-        node.seconds = seconds;
-        self.report.nodes.push(node);
-    }
 }
 
 /// The nodes `--select` asks for and everything they read from; all when empty.
@@ -622,59 +319,4 @@ fn select(plan: &Plan, names: &[String]) -> Result<HashSet<String>> {
         }
     }
     Ok(out)
-}
-
-fn scalar_u64(batches: &[RecordBatch]) -> u64 {
-    scalar_i64(batches).unwrap_or(0).max(0) as u64
-}
-
-/// The sum of an integer column over batches.
-fn sum_column(batches: &[RecordBatch], col: usize) -> u64 {
-    use datafusion::arrow::array::{Array, Int64Array};
-    batches
-        .iter()
-        .filter_map(|b| {
-            datafusion::arrow::compute::cast(b.column(col), &datafusion::arrow::datatypes::DataType::Int64)
-                .ok()
-        })
-        .map(|a| {
-            a.as_any().downcast_ref::<Int64Array>().map(|a| a.iter().flatten().sum::<i64>()).unwrap_or(0)
-        })
-        .sum::<i64>()
-        .max(0) as u64
-}
-
-fn scalar_string(batches: &[RecordBatch]) -> Option<String> {
-    use datafusion::arrow::array::{Array, StringArray};
-    let b = batches.iter().find(|b| b.num_rows() > 0)?;
-    let col =
-        datafusion::arrow::compute::cast(b.column(0), &datafusion::arrow::datatypes::DataType::Utf8).ok()?;
-    let a = col.as_any().downcast_ref::<StringArray>()?;
-    (!a.is_null(0)).then(|| a.value(0).to_string())
-}
-
-fn scalar_i64(batches: &[RecordBatch]) -> Option<i64> {
-    use datafusion::arrow::array::{Array, Int64Array};
-    let b = batches.iter().find(|b| b.num_rows() > 0)?;
-    let col =
-        datafusion::arrow::compute::cast(b.column(0), &datafusion::arrow::datatypes::DataType::Int64).ok()?;
-    let a = col.as_any().downcast_ref::<Int64Array>()?;
-    (!a.is_null(0)).then(|| a.value(0))
-}
-
-/// Rows as JSON objects, for reports and the quarantine table.
-pub fn to_json_rows(batches: &[RecordBatch]) -> Vec<serde_json::Value> {
-    let mut buf = Vec::new();
-    {
-        let mut w = datafusion::arrow::json::ArrayWriter::new(&mut buf);
-        for b in batches {
-            if w.write(b).is_err() {
-                return vec![];
-            }
-        }
-        if w.finish().is_err() {
-            return vec![];
-        }
-    }
-    serde_json::from_slice(&buf).unwrap_or_default()
 }

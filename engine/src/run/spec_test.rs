@@ -11,7 +11,8 @@ use datafusion::arrow::json::ReaderBuilder;
 use datafusion::arrow::record_batch::RecordBatch;
 use serde_json::Value;
 
-use super::{run_collect, to_json_rows, RunOptions};
+use super::{run_collect, RunOptions};
+use crate::connectors::codec::json_values;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 use crate::spec::model::SpecTest;
@@ -58,7 +59,12 @@ async fn run_one(plan: &Plan, t: &SpecTest) -> Result<Vec<String>> {
     let mut failures = Vec::new();
     for (node, e) in &t.expect {
         let node = node.value();
-        let rows = outputs.get(node).map(|b| to_json_rows(b)).unwrap_or_default();
+        let rows = match outputs.get(node) {
+            Some(b) => {
+                json_values(b).map_err(|e| Error::Internal(format!("test '{}': '{node}': {e}", t.name)))?
+            }
+            None => vec![],
+        };
         if let Some(n) = e.count {
             if rows.len() as u64 != n {
                 failures.push(format!("'{node}': expected {n} rows, got {}", rows.len()));

@@ -5,10 +5,14 @@
 //! place ([`template`]) -> typed structs. Each node is read on its own so that
 //! every broken node is reported, not only the first.
 
+pub mod connector;
 pub mod model;
 pub mod redact;
+pub mod rules;
+pub mod sql;
 pub mod suggest;
 pub mod template;
+pub mod values;
 pub mod yaml;
 
 use std::collections::{HashMap, HashSet};
@@ -19,6 +23,7 @@ use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode};
 use marked_yaml::Node;
 
 use crate::error::{Diagnostics, Error, Pos, Result};
+use connector::Catalog;
 use model::*;
 use template::{TemplateContext, Templater};
 use yaml::{keys, kind_name, node_pos, span_pos, Reader};
@@ -44,6 +49,8 @@ pub struct Spec {
     pub diags: Diagnostics,
     /// Values that must never be printed (passwords in connection URLs).
     pub secrets: redact::Secrets,
+    /// The kinds of connections, sources and sinks the spec was read against.
+    pub catalog: &'static Catalog,
 }
 
 impl Spec {
@@ -74,18 +81,20 @@ impl Spec {
 }
 
 /// What the loader needs besides the file.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// `--var key=value` overrides.
     pub vars: Vec<(String, serde_json::Value)>,
     /// `env` for templates; the process environment and `.env` by default.
     pub context: TemplateContext,
+    /// The kinds of connections, sources and sinks (`connectors::registry`).
+    pub catalog: &'static Catalog,
 }
 
 impl LoadOptions {
-    pub fn from_environment(vars: Vec<(String, serde_json::Value)>) -> Self {
+    pub fn from_environment(vars: Vec<(String, serde_json::Value)>, catalog: &'static Catalog) -> Self {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-        Self { vars, context: TemplateContext::from_environment(&cwd) }
+        Self { vars, context: TemplateContext::from_environment(&cwd), catalog }
     }
 }
 
@@ -121,9 +130,9 @@ pub fn load_str(path: &Path, text: &str, opts: &LoadOptions) -> Result<Spec> {
     let mut ctx = opts.context.clone();
     ctx.vars = read_vars(&mut root, &ctx, opts, &mut r);
     Templater::default().render_tree(&mut root, &ctx, &mut r);
-    let mut loader = Loader { r, found: Found::default() };
+    let mut loader = Loader { r, found: Found::default(), catalog: opts.catalog };
     let pipeline = loader.pipeline(&root, &ctx);
-    let Loader { r, found } = loader;
+    let Loader { r, found, .. } = loader;
     let Some(pipeline) = pipeline else {
         return Err(Error::Invalid(r.diags));
     };
@@ -138,6 +147,7 @@ pub fn load_str(path: &Path, text: &str, opts: &LoadOptions) -> Result<Spec> {
         broken: found.broken,
         diags: r.diags,
         secrets,
+        catalog: opts.catalog,
     })
 }
 
@@ -181,6 +191,7 @@ struct Found {
 struct Loader {
     r: Reader,
     found: Found,
+    catalog: &'static Catalog,
 }
 
 impl Loader {
@@ -316,13 +327,11 @@ impl Loader {
 
     fn connection(&mut self, id: &str, node: &Node) -> Option<Connection> {
         let what = format!("connection '{id}'");
-        let kind = self.kind_key(node, &what, ConnectionType::NAMES)?;
+        let names: Vec<&str> = self.catalog.connections.iter().map(|k| k.name).collect();
+        let name = self.kind_key(node, &what, &names)?;
+        let kind = self.catalog.connection(&name)?;
         let body = without(node, &["type"]);
-        Some(match kind.as_str() {
-            "postgres" => Connection::Postgres(self.r.read(&body, &what)?),
-            "mongodb" => Connection::Mongodb(self.r.read(&body, &what)?),
-            _ => Connection::Redis(self.r.read(&body, &what)?),
-        })
+        Some(Connection { kind: kind.name, settings: (kind.read)(&body, &mut self.r, &what)? })
     }
 
     /// The value of a required `type:` key, checked against `names`.
@@ -351,27 +360,32 @@ impl Loader {
         None
     }
 
-    /// The kind of a source or sink: its `type:`, else its connection's type.
+    /// The kind of a source or sink: its `type:`, else its connection's type
+    /// (`kinds` are the names and connection types of the section's kinds).
     fn node_kind(
         &mut self,
         node: &Node,
         what: &str,
-        names: &[&str],
+        kinds: &[(&'static str, Option<&'static str>)],
         connections: &IndexMap<String, Connection>,
-    ) -> Option<NodeType> {
+    ) -> Option<&'static str> {
         let map = node.as_mapping()?;
+        let names: Vec<&str> = kinds.iter().map(|(n, _)| *n).collect();
         let declared = match map.get_scalar("type") {
-            Some(t) => Some(NodeType::parse(&self.check_kind(t, what, names)?)?),
+            Some(t) => {
+                let name = self.check_kind(t, what, &names)?;
+                Some(kinds.iter().find(|(n, _)| *n == name)?)
+            }
             None => None,
         };
         let Some(conn) = map.get_scalar("connection") else {
             if declared.is_none() {
                 self.r.error(
                     node_pos(node),
-                    format!("{what}: needs a 'connection' or a 'type' ({})", suggest::one_of(names)),
+                    format!("{what}: needs a 'connection' or a 'type' ({})", suggest::one_of(&names)),
                 );
             }
-            return declared;
+            return declared.map(|(n, _)| *n);
         };
         let name = conn.as_str();
         let Some(c) = connections.get(name) else {
@@ -382,21 +396,29 @@ impl Loader {
             self.r.error(span_pos(conn.span()), format!("{what}: unknown connection '{name}'{hint}"));
             return None;
         };
-        let from_conn = NodeType::of_connection(c.kind());
-        if let Some(d) = declared {
-            if d != from_conn {
-                self.r.error(
-                    span_pos(conn.span()),
-                    format!(
-                        "{what}: 'type: {}' disagrees with connection '{name}' of type '{}'",
-                        d.name(),
-                        from_conn.name()
-                    ),
-                );
+        if let Some((d, through)) = declared {
+            if *through != Some(c.kind) {
+                let message = match through {
+                    Some(_) => {
+                        format!("{what}: 'type: {d}' disagrees with connection '{name}' of type '{}'", c.kind)
+                    }
+                    None => format!("{what}: '{d}' takes no 'connection'"),
+                };
+                self.r.error(span_pos(conn.span()), message);
                 return None;
             }
+            return Some(d);
         }
-        Some(from_conn)
+        match kinds.iter().find(|(_, through)| *through == Some(c.kind)) {
+            Some((n, _)) => Some(n),
+            None => {
+                self.r.error(
+                    span_pos(conn.span()),
+                    format!("{what}: connection '{name}' is of type '{}', which has no such node; give a 'type' ({})", c.kind, suggest::one_of(&names)),
+                );
+                None
+            }
+        }
     }
 
     fn source(
@@ -406,26 +428,12 @@ impl Loader {
         connections: &IndexMap<String, Connection>,
     ) -> Option<Source> {
         let what = format!("source '{id}'");
-        let names = &["postgres", "mongodb", "redis", "file", "generate"];
-        let kind = self.node_kind(node, &what, names, connections)?;
+        let kinds: Vec<_> = self.catalog.sources.iter().map(|k| (k.name, k.connection)).collect();
+        let name = self.node_kind(node, &what, &kinds, connections)?;
+        let kind = self.catalog.source(name)?;
         let checks = self.checks(id, node);
-        let body = without(node, &["checks"]);
-        let mut src = match kind {
-            NodeType::Postgres => Source::Postgres(self.r.read(&body, &what)?),
-            NodeType::Mongodb => Source::Mongodb(self.r.read(&body, &what)?),
-            NodeType::Redis => Source::Redis(self.r.read(&body, &what)?),
-            NodeType::File => Source::File(self.r.read(&body, &what)?),
-            NodeType::Generate => Source::Generate(self.r.read(&body, &what)?),
-            NodeType::Stdout => return None,
-        };
-        match &mut src {
-            Source::Postgres(s) => s.checks = checks,
-            Source::Mongodb(s) => s.checks = checks,
-            Source::Redis(s) => s.checks = checks,
-            Source::File(s) => s.checks = checks,
-            Source::Generate(s) => s.checks = checks,
-        }
-        Some(src)
+        let body = without(node, &["type", "checks"]);
+        Some(Source { kind: kind.name, checks, settings: (kind.read)(&body, &mut self.r, &what)? })
     }
 
     fn transform(&mut self, id: &str, node: &Node) -> Option<Transform> {
@@ -463,22 +471,17 @@ impl Loader {
 
     fn sink(&mut self, id: &str, node: &Node, connections: &IndexMap<String, Connection>) -> Option<Sink> {
         let what = format!("sink '{id}'");
-        let names = &["postgres", "mongodb", "redis", "file", "stdout"];
-        let kind = self.node_kind(node, &what, names, connections)?;
+        let kinds: Vec<_> = self.catalog.sinks.iter().map(|k| (k.name, k.connection)).collect();
+        let name = self.node_kind(node, &what, &kinds, connections)?;
         if let Some(checks) = node.as_mapping().and_then(|m| m.get_node("checks")) {
             self.r.error(
                 node_pos(checks),
                 format!("{what}: sinks take no checks; put them on '{}'s input", id),
             );
         }
-        Some(match kind {
-            NodeType::Postgres => Sink::Postgres(self.r.read(node, &what)?),
-            NodeType::Mongodb => Sink::Mongodb(self.r.read(node, &what)?),
-            NodeType::Redis => Sink::Redis(self.r.read(node, &what)?),
-            NodeType::File => Sink::File(self.r.read(node, &what)?),
-            NodeType::Stdout => Sink::Stdout(self.r.read(node, &what)?),
-            NodeType::Generate => return None,
-        })
+        let kind = self.catalog.sink(name)?;
+        let body = without(node, &["type", "checks"]);
+        Some(Sink { kind: kind.name, settings: (kind.read)(&body, &mut self.r, &what)? })
     }
 
     /// Reads `checks:` of node `id`: a list of one-key mappings.

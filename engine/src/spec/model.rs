@@ -6,14 +6,18 @@
 //! [`super::load`], which picks the kind first and then reads the matching
 //! struct, so that each kind rejects keys that belong to another.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::connector::{ConnectionSettings, SinkSettings, SourceSettings};
 use super::yaml::{Data, Sp};
 
 /// A pipeline file.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[derive(Debug, Clone, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Pipeline {
     /// Version of the pipeline language; only `1` exists.
@@ -66,175 +70,79 @@ pub enum Mode {
 
 // ---------------------------------------------------------------- connections
 
-/// The kinds of systems a connection can point at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ConnectionType {
-    Postgres,
-    Mongodb,
-    Redis,
-}
+/// The JSON Schema of connections, sources and sinks is the union of their
+/// kinds' settings, which only the registry knows: here each is a named
+/// placeholder that `engine schema` fills in from the catalog.
+macro_rules! placeholder_schema {
+    ($t:ty, $name:literal, $doc:literal) => {
+        impl JsonSchema for $t {
+            fn schema_name() -> Cow<'static, str> {
+                Cow::Borrowed($name)
+            }
 
-impl ConnectionType {
-    pub const NAMES: &'static [&'static str] = &["postgres", "mongodb", "redis"];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ConnectionType::Postgres => "postgres",
-            ConnectionType::Mongodb => "mongodb",
-            ConnectionType::Redis => "redis",
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({ "description": $doc })
+            }
         }
-    }
+    };
 }
 
-/// A named endpoint; `type` selects the system.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Connection {
-    Postgres(PostgresConnection),
-    Mongodb(MongoConnection),
-    Redis(RedisConnection),
+placeholder_schema!(Connection, "Connection", "A named endpoint; `type` selects the system.");
+placeholder_schema!(
+    Source,
+    "Source",
+    "Where data comes from; `type` (or the connection's type) selects the kind."
+);
+placeholder_schema!(Sink, "Sink", "Where data goes; `type` (or the connection's type) selects the kind.");
+
+/// A named endpoint; `type` selects the system. The settings belong to the
+/// connector of that type (see `connectors::registry`).
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// The `type:` name (`postgres`, `redis`, ...).
+    pub kind: &'static str,
+    pub settings: Arc<dyn ConnectionSettings>,
 }
 
 impl Connection {
-    pub fn kind(&self) -> ConnectionType {
-        match self {
-            Connection::Postgres(_) => ConnectionType::Postgres,
-            Connection::Mongodb(_) => ConnectionType::Mongodb,
-            Connection::Redis(_) => ConnectionType::Redis,
-        }
-    }
-
     pub fn url(&self) -> &str {
-        match self {
-            Connection::Postgres(c) => &c.url,
-            Connection::Mongodb(c) => &c.url,
-            Connection::Redis(c) => &c.url,
-        }
+        self.settings.url()
     }
-}
 
-/// A PostgreSQL database.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresConnection {
-    /// `postgres://user:password@host:port/database`.
-    pub url: String,
-    /// A folder of `NNN_name.sql` files applied in order, once each, before a run.
-    /// Relative to the spec file.
-    #[serde(default)]
-    pub migrations: Option<Sp<String>>,
-}
-
-/// A MongoDB (or MongoDB-wire) server.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MongoConnection {
-    /// `mongodb://host:port`.
-    pub url: String,
-    /// The database collections are read from and written to.
-    pub database: String,
-}
-
-/// A Redis server.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RedisConnection {
-    /// `redis://host:port`.
-    pub url: String,
+    /// The settings as the connector's own type.
+    pub fn settings<T: 'static>(&self) -> Option<&T> {
+        self.settings.as_any().downcast_ref()
+    }
 }
 
 // -------------------------------------------------------------------- sources
 
-/// The kinds of source and sink nodes; `type:` on a node, or its connection's type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeType {
-    Postgres,
-    Mongodb,
-    Redis,
-    File,
-    Generate,
-    Stdout,
-}
-
-impl NodeType {
-    pub const NAMES: &'static [&'static str] =
-        &["postgres", "mongodb", "redis", "file", "generate", "stdout"];
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "postgres" => NodeType::Postgres,
-            "mongodb" => NodeType::Mongodb,
-            "redis" => NodeType::Redis,
-            "file" => NodeType::File,
-            "generate" => NodeType::Generate,
-            "stdout" => NodeType::Stdout,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        Self::NAMES[self as usize]
-    }
-
-    pub fn of_connection(t: ConnectionType) -> Self {
-        match t {
-            ConnectionType::Postgres => NodeType::Postgres,
-            ConnectionType::Mongodb => NodeType::Mongodb,
-            ConnectionType::Redis => NodeType::Redis,
-        }
-    }
-}
-
-/// Where data comes from.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(untagged)]
-pub enum Source {
-    Postgres(PostgresSource),
-    Mongodb(MongoSource),
-    File(FileSource),
-    Redis(RedisSource),
-    Generate(GenerateSource),
+/// Where data comes from: the kind's settings and the node's checks.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The kind (`type:`, or the type of its connection).
+    pub kind: &'static str,
+    /// Data-quality checks on this node's output.
+    pub checks: Vec<Check>,
+    pub settings: Arc<dyn SourceSettings>,
 }
 
 impl Source {
     pub fn checks(&self) -> &[Check] {
-        match self {
-            Source::Postgres(s) => &s.checks,
-            Source::Mongodb(s) => &s.checks,
-            Source::File(s) => &s.checks,
-            Source::Redis(s) => &s.checks,
-            Source::Generate(s) => &s.checks,
-        }
-    }
-
-    pub fn kind(&self) -> NodeType {
-        match self {
-            Source::Postgres(_) => NodeType::Postgres,
-            Source::Mongodb(_) => NodeType::Mongodb,
-            Source::File(_) => NodeType::File,
-            Source::Redis(_) => NodeType::Redis,
-            Source::Generate(_) => NodeType::Generate,
-        }
+        &self.checks
     }
 
     pub fn connection(&self) -> Option<&Sp<String>> {
-        match self {
-            Source::Postgres(s) => Some(&s.connection),
-            Source::Mongodb(s) => Some(&s.connection),
-            Source::Redis(s) => Some(&s.connection),
-            Source::File(_) | Source::Generate(_) => None,
-        }
+        self.settings.connection()
     }
 
     pub fn declared_schema(&self) -> Option<&IndexMap<String, ColumnSpec>> {
-        match self {
-            Source::Mongodb(s) => Some(&s.schema),
-            Source::File(s) => s.schema.as_ref(),
-            Source::Redis(s) => Some(&s.schema),
-            Source::Postgres(_) | Source::Generate(_) => None,
-        }
+        self.settings.declared_schema()
+    }
+
+    /// The settings as the connector's own type.
+    pub fn settings<T: 'static>(&self) -> Option<&T> {
+        self.settings.as_any().downcast_ref()
     }
 }
 
@@ -250,35 +158,6 @@ pub struct BatchSpec {
     pub max_wait: Option<String>,
 }
 
-/// Rows of a PostgreSQL table or query.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresSource {
-    /// Optional; must be `postgres` when given.
-    #[serde(default, rename = "type")]
-    pub kind: Option<NodeType>,
-    /// A connection of type `postgres`.
-    pub connection: Sp<String>,
-    /// The table to read (`schema.table` allowed). Either this or `query`.
-    #[serde(default)]
-    pub table: Option<Sp<String>>,
-    /// A SELECT to run instead of reading a table.
-    #[serde(default)]
-    pub query: Option<Sp<String>>,
-    /// Read only rows whose `column` is above the stored watermark.
-    #[serde(default)]
-    pub incremental: Option<Incremental>,
-    /// What this node reads, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Micro-batching.
-    #[serde(default)]
-    pub batch: Option<BatchSpec>,
-    /// Data-quality checks on this node's output.
-    #[serde(default)]
-    pub checks: Vec<Check>,
-}
-
 /// Incremental reading by a monotonically increasing column.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -288,175 +167,6 @@ pub struct Incremental {
     /// Re-read this far behind the watermark, for late commits (`10m`).
     #[serde(default)]
     pub lookback: Option<String>,
-}
-
-/// Documents of a MongoDB collection, flattened by `schema`.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MongoSource {
-    /// Optional; must be `mongodb` when given.
-    #[serde(default, rename = "type")]
-    pub kind: Option<NodeType>,
-    /// A connection of type `mongodb`.
-    pub connection: Sp<String>,
-    /// The collection to read.
-    pub collection: String,
-    /// A MongoDB query document selecting the documents.
-    #[serde(default)]
-    pub filter: Option<Data>,
-    /// Output columns, their types and the dotted paths they come from.
-    pub schema: IndexMap<String, ColumnSpec>,
-    /// What this node reads, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Micro-batching.
-    #[serde(default)]
-    pub batch: Option<BatchSpec>,
-    /// Data-quality checks on this node's output.
-    #[serde(default)]
-    pub checks: Vec<Check>,
-}
-
-/// Formats of file sources and sinks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum FileFormat {
-    Csv,
-    Json,
-    Parquet,
-}
-
-/// Rows of CSV, JSON (one object per line) or Parquet files.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FileSource {
-    /// Must be `file`.
-    #[serde(rename = "type")]
-    pub kind: Option<NodeType>,
-    /// A path or glob, relative to the spec file.
-    pub path: Sp<String>,
-    /// `csv`, `json` or `parquet`.
-    pub format: FileFormat,
-    /// Column types; inferred from the files when omitted.
-    #[serde(default)]
-    pub schema: Option<IndexMap<String, ColumnSpec>>,
-    /// What this node reads, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Micro-batching.
-    #[serde(default)]
-    pub batch: Option<BatchSpec>,
-    /// Data-quality checks on this node's output.
-    #[serde(default)]
-    pub checks: Vec<Check>,
-}
-
-/// Where malformed stream messages go.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DeadLetter {
-    /// A Redis stream on the source's connection.
-    #[serde(default)]
-    pub stream: Option<String>,
-    /// A connection of type `postgres`, with `table`.
-    #[serde(default)]
-    pub connection: Option<Sp<String>>,
-    /// A table on `connection`.
-    #[serde(default)]
-    pub table: Option<String>,
-}
-
-/// Message formats of stream sources and sinks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum MessageFormat {
-    #[default]
-    Json,
-}
-
-/// Events from Redis Pub/Sub (`channel`) or a Redis Stream (`stream` + `group`).
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RedisSource {
-    /// Optional; must be `redis` when given.
-    #[serde(default, rename = "type")]
-    pub kind: Option<NodeType>,
-    /// A connection of type `redis`.
-    pub connection: Sp<String>,
-    /// A Pub/Sub channel (at-most-once). Either this or `stream`.
-    #[serde(default)]
-    pub channel: Option<String>,
-    /// A Redis Stream (at-least-once with `group`).
-    #[serde(default)]
-    pub stream: Option<String>,
-    /// The consumer group (streams).
-    #[serde(default)]
-    pub group: Option<String>,
-    /// This process's consumer name in the group; defaults to host and pid.
-    #[serde(default)]
-    pub consumer: Option<String>,
-    /// The stream entry field holding the message.
-    #[serde(default = "default_payload_field")]
-    pub field: String,
-    /// Message format.
-    #[serde(default)]
-    pub format: MessageFormat,
-    /// Columns of the decoded events.
-    pub schema: IndexMap<String, ColumnSpec>,
-    /// Where malformed messages and entries past `max_deliveries` go.
-    #[serde(default)]
-    pub dead_letter: Option<DeadLetter>,
-    /// Deliveries of one stream entry before it goes to the dead letter (default 5).
-    #[serde(default)]
-    pub max_deliveries: Option<u32>,
-    /// Entries another consumer has left pending this long are claimed (default `30s`).
-    #[serde(default)]
-    pub reclaim_after: Option<String>,
-    /// Larger messages go to the dead letter (default 1048576).
-    #[serde(default)]
-    pub max_message_bytes: Option<u64>,
-    /// What this node reads, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Micro-batching.
-    #[serde(default)]
-    pub batch: Option<BatchSpec>,
-    /// Data-quality checks on this node's output.
-    #[serde(default)]
-    pub checks: Vec<Check>,
-}
-
-fn default_payload_field() -> String {
-    "payload".to_string()
-}
-
-/// Synthetic rows: `rows` of them (batch) or `rate` per second (stream).
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct GenerateSource {
-    /// Must be `generate`.
-    #[serde(rename = "type")]
-    pub kind: Option<NodeType>,
-    /// How many rows (batch mode).
-    #[serde(default)]
-    pub rows: Option<u64>,
-    /// Rows per second (stream mode), e.g. `5000/s`.
-    #[serde(default)]
-    pub rate: Option<Sp<String>>,
-    /// The same seed gives the same rows.
-    #[serde(default)]
-    pub seed: Option<u64>,
-    /// Output columns as SQL expressions over the row number `n`.
-    pub columns: IndexMap<String, Sp<String>>,
-    /// What this node makes, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Micro-batching.
-    #[serde(default)]
-    pub batch: Option<BatchSpec>,
-    /// Data-quality checks on this node's output.
-    #[serde(default)]
-    pub checks: Vec<Check>,
 }
 
 /// A column in a `schema:`: a type name, or the long form.
@@ -876,6 +586,29 @@ pub struct CheckOptions<'a> {
 
 // ---------------------------------------------------------------------- sinks
 
+/// Where data goes: the kind's settings.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    /// The kind (`type:`, or the type of its connection).
+    pub kind: &'static str,
+    pub settings: Arc<dyn SinkSettings>,
+}
+
+impl Sink {
+    pub fn input(&self) -> &Sp<String> {
+        self.settings.input()
+    }
+
+    pub fn connection(&self) -> Option<&Sp<String>> {
+        self.settings.connection()
+    }
+
+    /// The settings as the connector's own type.
+    pub fn settings<T: 'static>(&self) -> Option<&T> {
+        self.settings.as_any().downcast_ref()
+    }
+}
+
 /// How a sink writes into an existing table or collection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -887,171 +620,6 @@ pub enum WriteMode {
     Replace,
     /// Insert new keys, update existing ones (needs `key`).
     Upsert,
-}
-
-/// Where data goes.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(untagged)]
-pub enum Sink {
-    Postgres(PostgresSink),
-    Mongodb(MongoSink),
-    Redis(RedisSink),
-    File(FileSink),
-    Stdout(StdoutSink),
-}
-
-impl Sink {
-    pub fn input(&self) -> &Sp<String> {
-        match self {
-            Sink::Postgres(s) => &s.input,
-            Sink::Mongodb(s) => &s.input,
-            Sink::Redis(s) => &s.input,
-            Sink::File(s) => &s.input,
-            Sink::Stdout(s) => &s.input,
-        }
-    }
-
-    pub fn kind(&self) -> NodeType {
-        match self {
-            Sink::Postgres(_) => NodeType::Postgres,
-            Sink::Mongodb(_) => NodeType::Mongodb,
-            Sink::Redis(_) => NodeType::Redis,
-            Sink::File(_) => NodeType::File,
-            Sink::Stdout(_) => NodeType::Stdout,
-        }
-    }
-
-    pub fn connection(&self) -> Option<&Sp<String>> {
-        match self {
-            Sink::Postgres(s) => Some(&s.connection),
-            Sink::Mongodb(s) => Some(&s.connection),
-            Sink::Redis(s) => Some(&s.connection),
-            Sink::File(_) | Sink::Stdout(_) => None,
-        }
-    }
-}
-
-/// Bulk load into a PostgreSQL table.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresSink {
-    /// Optional; must be `postgres` when given.
-    #[serde(default, rename = "type")]
-    pub kind: Option<NodeType>,
-    /// The upstream node.
-    pub input: Sp<String>,
-    /// A connection of type `postgres`.
-    pub connection: Sp<String>,
-    /// The target table (`schema.table` allowed).
-    pub table: String,
-    /// `append`, `replace` or `upsert`.
-    #[serde(default)]
-    pub mode: WriteMode,
-    /// Key columns for `upsert`.
-    #[serde(default)]
-    pub key: Option<Vec<String>>,
-    /// Create the table from the input's schema when it does not exist.
-    #[serde(default)]
-    pub create: bool,
-    /// What this node writes, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-}
-
-/// Writes documents into a MongoDB collection.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MongoSink {
-    /// Optional; must be `mongodb` when given.
-    #[serde(default, rename = "type")]
-    pub kind: Option<NodeType>,
-    /// The upstream node.
-    pub input: Sp<String>,
-    /// A connection of type `mongodb`.
-    pub connection: Sp<String>,
-    /// The target collection.
-    pub collection: String,
-    /// `append`, `replace` or `upsert`.
-    #[serde(default)]
-    pub mode: WriteMode,
-    /// Key fields for `upsert`.
-    #[serde(default)]
-    pub key: Option<Vec<String>>,
-    /// What this node writes, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-}
-
-/// Publishes rows as JSON on a Redis channel or appends them to a stream.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RedisSink {
-    /// Optional; must be `redis` when given.
-    #[serde(default, rename = "type")]
-    pub kind: Option<NodeType>,
-    /// The upstream node.
-    pub input: Sp<String>,
-    /// A connection of type `redis`.
-    pub connection: Sp<String>,
-    /// PUBLISH to this channel. Either this or `stream`.
-    #[serde(default)]
-    pub channel: Option<String>,
-    /// XADD to this stream, message in field `payload`.
-    #[serde(default)]
-    pub stream: Option<String>,
-    /// Trim the stream to about this many entries.
-    #[serde(default)]
-    pub maxlen: Option<u64>,
-    /// Message format.
-    #[serde(default)]
-    pub format: MessageFormat,
-    /// What this node writes, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-}
-
-/// Writes a CSV, JSON or Parquet file.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FileSink {
-    /// Must be `file`.
-    #[serde(rename = "type")]
-    pub kind: Option<NodeType>,
-    /// The upstream node.
-    pub input: Sp<String>,
-    /// The file to write, relative to the spec file.
-    pub path: Sp<String>,
-    /// `csv`, `json` or `parquet`.
-    pub format: FileFormat,
-    /// What this node writes, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-}
-
-/// How stdout prints rows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum StdoutFormat {
-    #[default]
-    Table,
-    Json,
-}
-
-/// Prints rows to standard output.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct StdoutSink {
-    /// Must be `stdout`.
-    #[serde(rename = "type")]
-    pub kind: Option<NodeType>,
-    /// The upstream node.
-    pub input: Sp<String>,
-    /// `table` or `json` (one object per line).
-    #[serde(default)]
-    pub format: StdoutFormat,
-    /// What this node shows, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
 }
 
 // ---------------------------------------------------------- quarantine, state

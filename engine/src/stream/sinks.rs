@@ -5,28 +5,18 @@
 //! delivered again.
 
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use sqlx::PgConnection;
 use tokio::sync::watch;
 
-use crate::connectors::postgres::sink::StreamTarget;
-use crate::connectors::redis::Backoff;
-use crate::connectors::{postgres, redis as redis_conn, stdout};
+use crate::connectors::{registry, Backoff, Node, StreamSink};
 use crate::error::{Error, Result};
-use crate::spec::model::{Connection, PostgresSink, RedisSink, Sink, StdoutSink};
+use crate::spec::model::Sink;
 use crate::spec::Spec;
-
-enum Kind {
-    Redis { client: redis::Client, url: String, conn: Option<redis::aio::ConnectionManager>, sink: RedisSink },
-    Postgres { name: String, url: String, conn: Option<(PgConnection, StreamTarget)>, sink: PostgresSink },
-    Stdout(StdoutSink),
-}
 
 /// One sink of the stream.
 pub struct SinkOp {
     pub id: String,
     pub input: String,
-    kind: Kind,
+    sink: Box<dyn StreamSink>,
 }
 
 /// Why a write did not complete.
@@ -38,31 +28,11 @@ pub enum Stop {
 
 impl SinkOp {
     pub fn new(spec: &Spec, id: &str, sink: &Sink) -> Result<Self> {
-        let url =
-            |name: &str| spec.pipeline.connections.get(name).map(|c| c.url().to_string()).unwrap_or_default();
-        let kind = match sink {
-            Sink::Redis(r) => {
-                let name = r.connection.value();
-                let url = url(name);
-                Kind::Redis { client: redis_conn::client(name, &url)?, url, conn: None, sink: r.clone() }
-            }
-            Sink::Postgres(p) => {
-                let name = p.connection.value().clone();
-                let url = match spec.pipeline.connections.get(&name) {
-                    Some(Connection::Postgres(c)) => c.url.clone(),
-                    _ => url(&name),
-                };
-                Kind::Postgres { name, url, conn: None, sink: p.clone() }
-            }
-            Sink::Stdout(s) => Kind::Stdout(s.clone()),
-            Sink::File(_) | Sink::Mongodb(_) => {
-                return Err(Error::Internal(format!(
-                    "sink '{id}': {} in a stream passed validation",
-                    sink.kind().name()
-                )))
-            }
+        let Some(opener) = registry::stream_sink(sink.kind, sink.settings.as_ref()) else {
+            return Err(Error::Internal(format!("sink '{id}': {} in a stream passed validation", sink.kind)));
         };
-        Ok(Self { id: id.to_string(), input: sink.input().value().clone(), kind })
+        let sink_op = opener.open_stream(Node { spec, id })?;
+        Ok(Self { id: id.to_string(), input: sink.input().value().clone(), sink: sink_op })
     }
 
     /// Writes and commits `batches`, retrying while the system is away.
@@ -79,7 +49,7 @@ impl SinkOp {
         let mut backoff = Backoff::default();
         let mut failures = 0u32;
         loop {
-            match self.try_write(batches).await {
+            match self.sink.write(batches).await {
                 Ok(n) => {
                     if failures > 0 {
                         tracing::info!(sink = %self.id, "written again after {failures} failed attempts");
@@ -106,46 +76,4 @@ impl SinkOp {
             }
         }
     }
-
-    async fn try_write(&mut self, batches: &[RecordBatch]) -> Result<u64> {
-        match &mut self.kind {
-            Kind::Redis { client, url, conn, sink } => {
-                let name = sink.connection.value().clone();
-                let ext = |e: &dyn std::fmt::Display| redis_conn::external(&name, url, e);
-                let c = match conn {
-                    Some(c) => c,
-                    None => conn.insert(client.get_connection_manager().await.map_err(|e| ext(&e))?),
-                };
-                redis_conn::sink::write(c, sink, batches).await.map_err(|e| ext(&e))
-            }
-            Kind::Postgres { name, url, conn, sink } => {
-                let json = crate::connectors::json_array(batches).map_err(Error::Internal)?;
-                let (c, target) = match conn {
-                    Some(c) => c,
-                    None => {
-                        let mut c = postgres::connect(name, url).await?;
-                        let target = StreamTarget::new(&mut c, &self.id, sink, &batches[0].schema()).await?;
-                        conn.insert((c, target))
-                    }
-                };
-                match target.write(c, &json).await {
-                    Ok(()) => Ok(rows(batches)),
-                    Err(e) => {
-                        *conn = None; // opened again (and the table checked again) on the next attempt
-                        Err(postgres::external(name, url, e))
-                    }
-                }
-            }
-            Kind::Stdout(s) => {
-                let schema = batches[0].schema();
-                let owned: Vec<_> = batches.iter().cloned().map(Ok).collect();
-                let input = Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::iter(owned)));
-                stdout::write(s, input).await
-            }
-        }
-    }
-}
-
-fn rows(batches: &[RecordBatch]) -> u64 {
-    batches.iter().map(|b| b.num_rows() as u64).sum()
 }

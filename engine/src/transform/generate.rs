@@ -27,11 +27,37 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use std::ops::ControlFlow;
 
+use indexmap::IndexMap;
+
+use crate::spec::yaml::Sp;
+
+/// Generated columns: name and SQL expression over the row number `n`.
+pub type Columns = IndexMap<String, Sp<String>>;
+
 /// The functions a generate column may call without the row and salt.
 pub const FUNCTIONS: &[&str] = &["uniform", "uniform_int", "chance", "pick", "fake"];
 
 /// The kinds `fake(kind)` knows.
 pub const FAKE_KINDS: &[&str] = &["first_name", "last_name", "company", "city"];
+
+/// The SELECT that makes `rows` rows of `columns`.
+pub fn sql(columns: &Columns, seed: u64, rows: u64) -> Result<String, String> {
+    let last = rows as i64 - 1;
+    Ok(format!(
+        "{} FROM (SELECT CAST(value AS BIGINT) AS n FROM generate_series(0, {last})) AS rows",
+        select(columns, seed)?
+    ))
+}
+
+/// `SELECT <columns>`, for a FROM that provides the row number `n`.
+pub fn select(columns: &Columns, seed: u64) -> Result<String, String> {
+    let mut cols = Vec::new();
+    for (i, (name, expr)) in columns.iter().enumerate() {
+        let e = rewrite(expr.value(), seed, i).map_err(|e| format!("column '{name}': {e}"))?;
+        cols.push(format!("{e} AS {}", crate::spec::sql::ident(name)));
+    }
+    Ok(format!("SELECT {}", cols.join(", ")))
+}
 
 /// Rewrites `expr` so each seeded call gets the row number and its own salt.
 pub fn rewrite(expr: &str, seed: u64, column: usize) -> Result<String, String> {

@@ -1,5 +1,7 @@
-//! Transforms: SQL on DataFusion ([`sql`]) and the engine's own SQL functions.
+//! Transforms: SQL on DataFusion ([`sql`], the one session builder and the
+//! engine's own SQL functions), queries planned once for micro-batches
+//! ([`prepared`]), and the seeded functions of generated rows ([`generate`]).
 
 pub mod generate;
-pub mod rules;
+pub mod prepared;
 pub mod sql;

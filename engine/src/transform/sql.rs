@@ -1,5 +1,6 @@
-//! SQL on Apache DataFusion: reading the tables a query names, planning
-//! queries against known schemas, and the engine-provided functions.
+//! SQL on Apache DataFusion: the one session builder every executor and the
+//! planner use, planning queries against known schemas, and the
+//! engine-provided functions.
 
 use std::hash::Hasher;
 use std::sync::Arc;
@@ -12,41 +13,44 @@ use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use datafusion::prelude::SessionContext;
-use datafusion::sql::parser::{DFParser, Statement};
-use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::prelude::{SessionConfig, SessionContext};
 
-/// The node ids a query reads: its table references, minus its own CTEs.
-/// A `schema.table` reference is returned as written, for the caller to reject.
-pub fn table_refs(sql: &str) -> Result<Vec<String>, String> {
-    let mut statements = DFParser::parse_sql_with_dialect(sql, &GenericDialect {}).map_err(short)?;
-    let statement = match (statements.pop_front(), statements.is_empty()) {
-        (Some(s), true) => s,
-        (None, _) => return Err("the SQL is empty".into()),
-        (Some(_), false) => return Err("expected one SQL statement, found several".into()),
-    };
-    if !matches!(&statement, Statement::Statement(s) if matches!(**s, datafusion::sql::sqlparser::ast::Statement::Query(_)))
-    {
-        return Err("expected a SELECT query".into());
-    }
-    let (tables, _ctes) =
-        datafusion::sql::resolve::resolve_table_references(&statement, true).map_err(short)?;
-    let mut names: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
-    names.sort();
-    names.dedup();
-    Ok(names)
+use crate::spec::sql::short;
+
+/// What a session is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Planning against schemas, reading no data.
+    Plan,
+    /// A batch run: two partitions and a memory limit that makes large joins
+    /// and aggregates spill to disk instead of growing without bound.
+    Batch,
+    /// A stream: one partition (a micro-batch is small, and plans without
+    /// repartitioning can run again and again) and a `now()` read per batch.
+    Stream,
 }
 
-/// Checks that `expr` parses as one SQL expression.
-pub fn parse_expr(expr: &str) -> Result<(), String> {
-    use datafusion::sql::sqlparser::parser::Parser;
-    let dialect = GenericDialect {};
-    let mut parser = Parser::new(&dialect).try_with_sql(expr).map_err(short)?;
-    parser.parse_expr().map_err(short)?;
-    match parser.peek_token().token {
-        datafusion::sql::sqlparser::tokenizer::Token::EOF => Ok(()),
-        t => Err(format!("unexpected '{t}' after the expression")),
+/// The one session builder: DataFusion with the engine's functions, set up
+/// for `purpose`.
+pub fn session(purpose: Purpose) -> SessionContext {
+    let ctx = match purpose {
+        Purpose::Plan => SessionContext::new(),
+        Purpose::Batch => {
+            let config = SessionConfig::new().with_target_partitions(2).with_batch_size(8192);
+            let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+                .with_memory_limit(512 * 1024 * 1024, 1.0)
+                .build_arc()
+                .unwrap_or_default();
+            SessionContext::new_with_config_rt(config, runtime)
+        }
+        Purpose::Stream => SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1)),
+    };
+    register_functions(&ctx);
+    super::generate::register(&ctx);
+    if purpose == Purpose::Stream {
+        ctx.register_udf(ScalarUDF::from(LiveNow::new()));
     }
+    ctx
 }
 
 /// A DataFusion session with the engine's functions, used to plan SQL against
@@ -63,10 +67,7 @@ impl Default for Planner {
 
 impl Planner {
     pub fn new() -> Self {
-        let ctx = SessionContext::new();
-        register_functions(&ctx);
-        super::generate::register(&ctx);
-        Self { ctx }
+        Self { ctx: session(Purpose::Plan) }
     }
 
     /// Makes `name` a table with `schema` and no rows.
@@ -94,57 +95,6 @@ impl Planner {
     }
 }
 
-/// DataFusion's messages carry a kind prefix ("Error during planning: ",
-/// "SQL error: ParserError(...)") and name columns with their table; users
-/// need one sentence about their own names.
-pub fn short(e: impl std::fmt::Display) -> String {
-    let full = e.to_string();
-    let mut out = full.lines().next().unwrap_or_default().trim().to_string();
-    out = out.split(" caused by").next().unwrap_or_default().to_string();
-    let prefixes = [
-        "Error during planning: ",
-        "SQL error: ",
-        "Schema error: ",
-        "Arrow error: ",
-        "This feature is not implemented: ",
-        "sql parser error: ",
-    ];
-    loop {
-        let before = out.clone();
-        for p in prefixes {
-            if let Some(rest) = out.strip_prefix(p) {
-                out = rest.to_string();
-            }
-        }
-        if let Some(inner) = out.strip_prefix("ParserError(\"").and_then(|r| r.strip_suffix("\")")) {
-            out = inner.replace("\\\"", "\"");
-        }
-        if out == before {
-            break;
-        }
-    }
-    if let Some(rest) = out.strip_prefix("No field named ") {
-        return unknown_column(rest);
-    }
-    if let Some(rest) = out.strip_prefix("table '").and_then(|r| r.strip_suffix("' not found")) {
-        return format!("unknown table '{}'", rest.rsplit('.').next().unwrap_or(rest));
-    }
-    out
-}
-
-/// `amount. Did you mean '__events.amout'?` -> `unknown column 'amount'; did you mean 'amout'?`
-fn unknown_column(rest: &str) -> String {
-    let (name, hint) = match rest.split_once(". Did you mean '") {
-        Some((n, h)) => (n, h.strip_suffix("'?").map(|h| h.rsplit('.').next().unwrap_or(h))),
-        None => (rest.trim_end_matches('.'), None),
-    };
-    let name = name.rsplit('.').next().unwrap_or(name).trim_matches('"');
-    match hint {
-        Some(h) => format!("unknown column '{name}'; did you mean '{h}'?"),
-        None => format!("unknown column '{name}'"),
-    }
-}
-
 /// Registers every engine-provided SQL function on a session.
 pub fn register_functions(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::from(SurrogateKey::new()));
@@ -152,8 +102,11 @@ pub fn register_functions(ctx: &SessionContext) {
 
 /// `surrogate_key(col, ...)`: a stable, non-negative 63-bit key from natural-key
 /// columns. The same values give the same key in every run and version: the
-/// values are cast to text, joined with a separator that cannot occur in them
-/// (NULL has its own marker) and hashed with XXH3-64.
+/// values are cast to text, each followed by the byte 0x1F (NULL has its own
+/// marker), and hashed with XXH3-64. A text value that itself holds 0x1F can
+/// give the key of another split of the same bytes (`'a\x1f', 'b'` and
+/// `'a', '\x1fb'`); ids do not hold control characters, and the encoding
+/// stays as it is because changing it would change every stored key.
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct SurrogateKey {
     signature: Signature,
@@ -263,21 +216,6 @@ impl ScalarUDFImpl for LiveNow {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_tables_not_ctes() {
-        let t = table_refs("WITH big AS (SELECT * FROM txns WHERE amount > 1) SELECT * FROM big JOIN customers c USING (customer_id)").unwrap();
-        assert_eq!(t, vec!["customers", "txns"]);
-        assert!(table_refs("SELEC 1").unwrap_err().contains("Expected"));
-        assert_eq!(table_refs("DELETE FROM x").unwrap_err(), "expected a SELECT query");
-    }
-
-    #[test]
-    fn checks_expressions() {
-        assert!(parse_expr("amount > 2000").is_ok());
-        assert!(parse_expr("amount >").is_err());
-        assert!(parse_expr("amount > 1 )").is_err());
-    }
 
     #[tokio::test]
     async fn surrogate_keys_are_stable_and_positive() {

@@ -3,6 +3,8 @@
 
 mod cli;
 mod golden;
+mod http;
+mod layering;
 mod postgres;
 mod repo;
 mod run;

@@ -1,6 +1,8 @@
-//! PostgreSQL: connections, tracked migrations, the quarantine table, and
-//! the source ([`source`], binary COPY decoded by [`decode`]).
+//! PostgreSQL: connections, tracked migrations, the quarantine table, the
+//! source ([`source`], binary COPY decoded by [`decode`]) and the sink
+//! ([`sink`]); the runtime traits at the end of this file.
 
+pub mod config;
 pub mod decode;
 pub mod sink;
 pub mod source;
@@ -36,9 +38,8 @@ pub async fn migrate(name: &str, url: &str, conn: &mut PgConnection, dir: &Path)
 
 /// Applies the migrations of every postgres connection of `spec` that names them.
 pub async fn migrate_spec(spec: &crate::spec::Spec) -> Result<()> {
-    use crate::spec::model::{Connection, PostgresConnection};
     for (name, c) in &spec.pipeline.connections {
-        if let Connection::Postgres(PostgresConnection { url, migrations: Some(dir), .. }) = c {
+        if let Some(PostgresConnection { url, migrations: Some(dir) }) = c.settings::<PostgresConnection>() {
             let mut conn = connect(name, url).await?;
             migrate(name, url, &mut conn, &spec.resolve(dir.value())).await?;
         }
@@ -66,7 +67,7 @@ pub async fn write_rejects(
     let sql = format!(
         "INSERT INTO {} (run_id, node, check_name, reason, row_data) \
          SELECT $1, $2, $3, r, d::jsonb FROM unnest($4::text[], $5::text[]) AS x(r, d)",
-        quote_table(table)
+        crate::spec::sql::qualified(table)
     );
     let mut tx = conn.begin().await?;
     sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -80,7 +81,145 @@ pub async fn write_rejects(
     tx.commit().await
 }
 
-/// `schema.table` or `table`, each part quoted.
-pub fn quote_table(name: &str) -> String {
-    name.split('.').map(|p| format!("\"{}\"", p.replace('"', "\"\""))).collect::<Vec<_>>().join(".")
+// ------------------------------------------------------------------ runtime
+
+use config::{PostgresConnection, PostgresSink, PostgresSource};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::prelude::SessionContext;
+
+use super::{BatchSink, BatchSource, Load, Node, OpenStreamSink, Probe, StreamSink, Transaction, Watermark};
+use crate::spec::Spec;
+
+#[async_trait::async_trait]
+impl BatchSource for PostgresSource {
+    async fn open(
+        &self,
+        node: Node<'_>,
+        _ctx: &SessionContext,
+        watermark: Option<&str>,
+    ) -> Result<SendableRecordBatchStream> {
+        let (name, c) = node.connection::<PostgresConnection>(&self.connection)?;
+        source::open(name, &c.url, self, watermark).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Probe for PostgresSource {
+    async fn probe(&self, node: Node<'_>, _input: Option<SchemaRef>) -> Result<()> {
+        let (name, c) = node.connection::<PostgresConnection>(&self.connection)?;
+        source::describe_source(name, &c.url, self).await.map(|_| ())
+    }
+}
+
+#[async_trait::async_trait]
+impl Probe for PostgresConnection {
+    async fn probe(&self, node: Node<'_>, _input: Option<SchemaRef>) -> Result<()> {
+        connect(node.id, &self.url).await.map(|_| ())
+    }
+}
+
+#[async_trait::async_trait]
+impl Transaction for PostgresConnection {
+    async fn load(
+        &self,
+        spec: &Spec,
+        name: &str,
+        loads: Vec<Load>,
+        watermarks: &[Watermark],
+    ) -> Result<Vec<u64>> {
+        let mut members = Vec::with_capacity(loads.len());
+        for load in loads {
+            let sink = spec
+                .pipeline
+                .sinks
+                .get(&load.id)
+                .and_then(|s| s.settings::<PostgresSink>())
+                .ok_or_else(|| Error::Internal(format!("sink '{}' is not a postgres sink", load.id)))?;
+            members.push((load, sink));
+        }
+        let loads = members.iter_mut().map(|(l, sink)| sink::Load {
+            id: &l.id,
+            sink,
+            input: std::mem::replace(&mut l.input, empty_stream()),
+        });
+        sink::load_all(name, &self.url, loads.collect(), watermarks).await
+    }
+}
+
+/// A stand-in for an input already handed over.
+fn empty_stream() -> SendableRecordBatchStream {
+    let schema = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::empty());
+    Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+        schema,
+        futures::stream::empty(),
+    ))
+}
+
+#[async_trait::async_trait]
+impl BatchSink for PostgresSink {
+    fn transaction(&self) -> Option<&crate::spec::yaml::Sp<String>> {
+        Some(&self.connection)
+    }
+
+    async fn write(&self, node: Node<'_>, input: SendableRecordBatchStream) -> Result<u64> {
+        let (name, c) = node.connection::<PostgresConnection>(&self.connection)?;
+        let load = sink::Load { id: node.id, sink: self, input };
+        Ok(sink::load_all(name, &c.url, vec![load], &[]).await?.iter().sum())
+    }
+}
+
+#[async_trait::async_trait]
+impl Probe for PostgresSink {
+    async fn probe(&self, node: Node<'_>, input: Option<SchemaRef>) -> Result<()> {
+        let (name, c) = node.connection::<PostgresConnection>(&self.connection)?;
+        sink::check_table(name, &c.url, node.id, self, input).await
+    }
+}
+
+impl OpenStreamSink for PostgresSink {
+    fn open_stream(&self, node: Node<'_>) -> Result<Box<dyn StreamSink>> {
+        let (name, c) = node.connection::<PostgresConnection>(&self.connection)?;
+        Ok(Box::new(PgStream {
+            id: node.id.to_string(),
+            name: name.to_string(),
+            url: c.url.clone(),
+            sink: self.clone(),
+            conn: None,
+        }))
+    }
+}
+
+/// A stream's postgres sink: one connection kept between batches, the table
+/// checked again whenever it is opened again.
+struct PgStream {
+    id: String,
+    name: String,
+    url: String,
+    sink: PostgresSink,
+    conn: Option<(PgConnection, sink::StreamTarget)>,
+}
+
+#[async_trait::async_trait]
+impl StreamSink for PgStream {
+    async fn write(&mut self, batches: &[RecordBatch]) -> Result<u64> {
+        let json = super::codec::json_array(batches).map_err(Error::Internal)?;
+        let (c, target) = match &mut self.conn {
+            Some(c) => c,
+            None => {
+                let mut c = connect(&self.name, &self.url).await?;
+                let target =
+                    sink::StreamTarget::new(&mut c, &self.id, &self.sink, &batches[0].schema()).await?;
+                self.conn.insert((c, target))
+            }
+        };
+        match target.write(c, &json).await {
+            Ok(()) => Ok(batches.iter().map(|b| b.num_rows() as u64).sum()),
+            Err(e) => {
+                self.conn = None; // opened again (and the table checked again) on the next attempt
+                Err(external(&self.name, &self.url, e))
+            }
+        }
+    }
 }

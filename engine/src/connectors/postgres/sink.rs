@@ -19,10 +19,14 @@ use datafusion::execution::SendableRecordBatchStream;
 use futures::StreamExt;
 use sqlx::{Acquire, PgConnection, Row};
 
+use super::config::PostgresSink;
 use super::decode::{arrow_type, PgColumn};
-use super::{connect, external, quote_table};
+use super::{connect, external};
+use crate::connectors::Watermark;
 use crate::error::{Error, Result};
-use crate::spec::model::{PostgresSink, WriteMode};
+use crate::spec::model::WriteMode;
+use crate::spec::sql::ident;
+use crate::spec::sql::qualified;
 
 /// One sink's work in a connection's transaction.
 pub struct Load<'a> {
@@ -31,43 +35,21 @@ pub struct Load<'a> {
     pub input: SendableRecordBatchStream,
 }
 
-/// A watermark to store with the loads.
-pub struct Watermark {
-    pub table: String,
-    pub pipeline: String,
-    pub node: String,
-    pub value: String,
-}
-
-fn q(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// Loads every sink of one connection, and stores `watermarks`, in one transaction.
 pub async fn load_all(
     name: &str,
     url: &str,
     loads: Vec<Load<'_>>,
     watermarks: &[Watermark],
-) -> Result<Vec<(String, u64)>> {
+) -> Result<Vec<u64>> {
     let mut conn = connect(name, url).await?;
-    load_on(&mut conn, name, url, loads, watermarks).await
-}
-
-/// [`load_all`] on an open connection (streams keep theirs between batches).
-pub async fn load_on(
-    conn: &mut PgConnection,
-    name: &str,
-    url: &str,
-    loads: Vec<Load<'_>>,
-    watermarks: &[Watermark],
-) -> Result<Vec<(String, u64)>> {
+    let conn = &mut conn;
     let ext = |e: sqlx::Error| external(name, url, e);
     let mut tx = conn.begin().await.map_err(ext)?;
     let replace: Vec<String> = loads
         .iter()
         .filter(|l| l.sink.mode == WriteMode::Replace)
-        .map(|l| quote_table(&l.sink.table))
+        .map(|l| qualified(&l.sink.table))
         .collect();
     let mut done = Vec::new();
     let mut prepared = Vec::new();
@@ -84,13 +66,13 @@ pub async fn load_on(
             Error::External { message, .. } => external(name, url, message),
             other => other,
         })?;
-        done.push(rows);
+        done.push(rows.1);
     }
     for w in watermarks {
         let sql = format!(
             "INSERT INTO {} (pipeline, node, watermark, updated_at) VALUES ($1, $2, $3, now()) \
              ON CONFLICT (pipeline, node) DO UPDATE SET watermark = EXCLUDED.watermark, updated_at = now()",
-            quote_table(&w.table)
+            qualified(&w.table)
         );
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&w.pipeline)
@@ -229,7 +211,7 @@ async fn columns(
          FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
          ORDER BY a.attnum",
     )
-    .bind(quote_table(table))
+    .bind(qualified(table))
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows
@@ -266,16 +248,16 @@ pub fn create_sql(table: &str, schema: &SchemaRef) -> std::result::Result<String
                 DataType::Timestamp(_, None) => "timestamp".into(),
                 other => return Err(format!("column '{}' of type {other} has no PostgreSQL type", f.name())),
             };
-            Ok(format!("{} {t}", q(f.name())))
+            Ok(format!("{} {t}", ident(f.name())))
         })
         .collect();
-    Ok(format!("CREATE TABLE IF NOT EXISTS {} ({})", quote_table(table), cols?.join(", ")))
+    Ok(format!("CREATE TABLE IF NOT EXISTS {} ({})", qualified(table), cols?.join(", ")))
 }
 
 async fn write(conn: &mut PgConnection, mut load: Load<'_>, target: &Target) -> Result<(String, u64)> {
     let sink = load.sink;
-    let table = quote_table(&sink.table);
-    let cols = target.columns.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+    let table = qualified(&sink.table);
+    let cols = target.columns.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ");
     let ext =
         |e: sqlx::Error| Error::External { system: format!("sink '{}'", load.id), message: e.to_string() };
     let direct = match sink.mode {
@@ -325,14 +307,14 @@ async fn write(conn: &mut PgConnection, mut load: Load<'_>, target: &Target) -> 
 /// `ON CONFLICT (key) DO UPDATE` of the non-key columns, touching only rows
 /// whose values changed (`DO NOTHING` when every column is a key).
 fn on_conflict(table: &str, columns: &[String], key: &[String]) -> String {
-    let keys = key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
+    let keys = key.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", ");
     let rest: Vec<&String> = columns.iter().filter(|c| !key.contains(c)).collect();
     if rest.is_empty() {
         return format!("ON CONFLICT ({keys}) DO NOTHING");
     }
-    let set: Vec<String> = rest.iter().map(|c| format!("{} = EXCLUDED.{}", q(c), q(c))).collect();
-    let old: Vec<String> = rest.iter().map(|c| format!("{table}.{}", q(c))).collect();
-    let new: Vec<String> = rest.iter().map(|c| format!("EXCLUDED.{}", q(c))).collect();
+    let set: Vec<String> = rest.iter().map(|c| format!("{} = EXCLUDED.{}", ident(c), ident(c))).collect();
+    let old: Vec<String> = rest.iter().map(|c| format!("{table}.{}", ident(c))).collect();
+    let new: Vec<String> = rest.iter().map(|c| format!("EXCLUDED.{}", ident(c))).collect();
     format!(
         "ON CONFLICT ({keys}) DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
         set.join(", "),
@@ -362,13 +344,13 @@ impl StreamTarget {
         let mut tx = conn.begin().await.map_err(sqlerr)?;
         let target = prepare(&mut tx, id, sink, input).await?;
         tx.commit().await.map_err(sqlerr)?;
-        let table = quote_table(&sink.table);
-        let cols = target.columns.iter().map(|c| q(c)).collect::<Vec<_>>().join(", ");
+        let table = qualified(&sink.table);
+        let cols = target.columns.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ");
         let source = format!("json_populate_recordset(NULL::{table}, $1::json)");
         let sql = match (sink.mode, &sink.key) {
             (WriteMode::Upsert, Some(key)) => {
                 // One row per key: a batch may carry an event twice.
-                let keys = key.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
+                let keys = key.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", ");
                 format!(
                     "INSERT INTO {table} ({cols}) SELECT DISTINCT ON ({keys}) {cols} FROM {source} {}",
                     on_conflict(&table, &target.columns, key)
@@ -407,7 +389,7 @@ struct Rebuild {
 
 /// The table's foreign keys and its indexes that back no constraint.
 async fn deferrable(conn: &mut PgConnection, table: &str) -> std::result::Result<Rebuild, sqlx::Error> {
-    let quoted = quote_table(table);
+    let quoted = qualified(table);
     let fks = sqlx::query(
         "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint \
          WHERE conrelid = to_regclass($1) AND contype = 'f' ORDER BY conname",
@@ -428,17 +410,17 @@ async fn deferrable(conn: &mut PgConnection, table: &str) -> std::result::Result
     let mut creates = Vec::new();
     for r in &fks {
         let name: String = r.get(0);
-        drops.push(format!("ALTER TABLE {quoted} DROP CONSTRAINT {}", q(&name)));
+        drops.push(format!("ALTER TABLE {quoted} DROP CONSTRAINT {}", ident(&name)));
     }
     for r in &indexes {
         let (schema, name, def): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-        drops.push(format!("DROP INDEX {}.{}", q(&schema), q(&name)));
+        drops.push(format!("DROP INDEX {}.{}", ident(&schema), ident(&name)));
         creates.push(def);
     }
     // Indexes first, so the foreign keys are checked with them in place.
     for r in &fks {
         let (name, def): (String, String) = (r.get(0), r.get(1));
-        creates.push(format!("ALTER TABLE {quoted} ADD CONSTRAINT {} {def}", q(&name)));
+        creates.push(format!("ALTER TABLE {quoted} ADD CONSTRAINT {} {def}", ident(&name)));
     }
     Ok(Rebuild { drops, creates })
 }
@@ -468,7 +450,7 @@ async fn copy_in(
             Ok(b) => b,
             Err(e) => {
                 let _ = copy.abort("input failed").await;
-                return Err(ext(crate::transform::sql::short(e)));
+                return Err(ext(crate::spec::sql::short(e)));
             }
         };
         let batch = conform(&batch, target).map_err(ext)?;

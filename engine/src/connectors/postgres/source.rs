@@ -7,17 +7,17 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use futures::StreamExt;
 use sqlx::{PgConnection, Row};
 
+use super::config::PostgresSource;
 use super::decode::{Decoder, PgColumn};
 use super::{connect, external};
 use crate::error::{Error, Result};
-use crate::spec::model::PostgresSource;
 
 const BATCH_ROWS: usize = 65_536;
 
 /// The SELECT a source reads, before any incremental filter.
 pub fn base_query(src: &PostgresSource) -> String {
     match (&src.table, &src.query) {
-        (Some(t), _) => format!("SELECT * FROM {}", super::quote_table(t.value())),
+        (Some(t), _) => format!("SELECT * FROM {}", crate::spec::sql::qualified(t.value())),
         (None, Some(q)) => q.value().trim().trim_end_matches(';').to_string(),
         (None, None) => "SELECT 1 WHERE false".to_string(),
     }
@@ -84,7 +84,7 @@ pub async fn open(
             _ => format!("CAST('{}' AS {})", wm.replace('\'', "''"), col.type_name),
         };
         query =
-            format!("SELECT * FROM ({query}) AS s WHERE \"{}\" > {bound}", inc.column.replace('"', "\"\""));
+            format!("SELECT * FROM ({query}) AS s WHERE {} > {bound}", crate::spec::sql::ident(&inc.column));
     }
     let mut decoder = Decoder::new(&columns, BATCH_ROWS).map_err(Error::Usage)?;
     let schema = decoder.schema();

@@ -4,7 +4,8 @@
 
 use sqlx::PgConnection;
 
-use crate::spec::model::{Connection, DeadLetter as DeadLetterSpec};
+use super::config::DeadLetter as DeadLetterSpec;
+use crate::connectors::postgres::config::PostgresConnection;
 use crate::spec::Spec;
 
 /// One refused message.
@@ -38,8 +39,13 @@ impl DeadLetters {
         let target = match dl {
             Some(DeadLetterSpec { stream: Some(s), .. }) => Target::Stream(s.clone()),
             Some(DeadLetterSpec { connection: Some(c), table: Some(t), .. }) => {
-                match spec.pipeline.connections.get(c.value()) {
-                    Some(Connection::Postgres(pg)) => Target::Table {
+                match spec
+                    .pipeline
+                    .connections
+                    .get(c.value())
+                    .and_then(|c| c.settings::<PostgresConnection>())
+                {
+                    Some(pg) => Target::Table {
                         name: c.value().clone(),
                         url: pg.url.clone(),
                         table: t.clone(),
@@ -138,7 +144,7 @@ async fn create_table(conn: &mut PgConnection, table: &str) -> Result<(), sqlx::
     let sql = format!(
         "CREATE TABLE IF NOT EXISTS {} (id bigserial PRIMARY KEY, source text NOT NULL, reason text NOT NULL, \
          payload text NOT NULL, entry_id text, received_at timestamptz NOT NULL DEFAULT now())",
-        crate::connectors::postgres::quote_table(table)
+        crate::spec::sql::qualified(table)
     );
     sqlx::query(sqlx::AssertSqlSafe(sql)).execute(conn).await.map(|_| ())
 }
@@ -155,7 +161,7 @@ async fn insert(
     let ids: Vec<Option<&str>> = letters.iter().map(|l| l.entry_id.as_deref()).collect();
     let sql = format!(
         "INSERT INTO {} (source, reason, payload, entry_id) SELECT $1, r, p, i FROM unnest($2::text[], $3::text[], $4::text[]) AS x(r, p, i)",
-        crate::connectors::postgres::quote_table(table)
+        crate::spec::sql::qualified(table)
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(source)

@@ -3,7 +3,7 @@
 
 use datafusion::arrow::record_batch::RecordBatch;
 
-use crate::spec::model::RedisSink;
+use super::config::RedisSink;
 
 /// Writes `batches` to `sink` on `conn`; returns the messages sent.
 pub async fn write(
@@ -11,7 +11,7 @@ pub async fn write(
     sink: &RedisSink,
     batches: &[RecordBatch],
 ) -> Result<u64, String> {
-    let rows = crate::connectors::json_rows(batches)?;
+    let rows = crate::connectors::codec::json_rows(batches)?;
     if rows.is_empty() {
         return Ok(0);
     }

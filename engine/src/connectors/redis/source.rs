@@ -9,23 +9,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::record_batch::RecordBatch;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, watch};
 
 use super::dead_letter::{DeadLetters, Letter};
 use super::subscriber::Subscriber;
-use super::{connect, read_reply, Backoff, Entry};
-use crate::stream::decode::Decoder;
-
-/// A micro-batch and what acknowledges it.
-pub struct Delivery {
-    pub batch: RecordBatch,
-    /// Stream entry ids to XACK once every sink has committed (empty for Pub/Sub).
-    pub ids: Vec<String>,
-    /// When the batch's first message was read.
-    pub first_at: Instant,
-}
+use super::{connect, read_reply, Entry};
+use crate::connectors::codec::json::Decoder;
+use crate::connectors::Backoff;
+use crate::connectors::{Delivery, Token};
 
 /// What to read and how.
 pub struct Config {
@@ -160,8 +152,8 @@ impl Reader {
         let Some(first_at) = self.first_at.take() else { return };
         match self.decoder.finish() {
             Ok(batch) => {
-                let ids = std::mem::take(&mut self.ids);
-                let _ = out.send(Delivery { batch, ids, first_at }).await;
+                let token = Token::new(std::mem::take(&mut self.ids));
+                let _ = out.send(Delivery { batch, token, first_at }).await;
             }
             Err(e) => tracing::error!(source = %self.cfg.node, "cannot build a batch: {e}"),
         }

@@ -2,6 +2,8 @@
 //! and written with Arrow's writers to a temporary file that is renamed into
 //! place, so a failed run never leaves a half-written file.
 
+pub mod config;
+
 use std::fs::File;
 use std::path::Path;
 
@@ -9,11 +11,11 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionContext};
 use futures::StreamExt;
 
-use super::df_error;
 use crate::error::{Error, Result};
 use crate::plan::schema::from_declared;
-use crate::spec::model::{FileFormat, FileSink, FileSource};
+use crate::spec::sql::df_error;
 use crate::spec::Spec;
+use config::{FileFormat, FileSink, FileSource};
 
 pub async fn open(ctx: &SessionContext, spec: &Spec, f: &FileSource) -> Result<SendableRecordBatchStream> {
     let path = spec.resolve(f.path.value());
@@ -116,5 +118,26 @@ impl Writer {
             Writer::Json(mut w) => w.finish().map_err(|e| e.to_string()),
             Writer::Parquet(w) => w.close().map(|_| ()).map_err(|e| e.to_string()),
         }
+    }
+}
+
+// ------------------------------------------------------------------ runtime
+
+#[async_trait::async_trait]
+impl super::BatchSource for FileSource {
+    async fn open(
+        &self,
+        node: super::Node<'_>,
+        ctx: &SessionContext,
+        _watermark: Option<&str>,
+    ) -> Result<SendableRecordBatchStream> {
+        open(ctx, node.spec, self).await
+    }
+}
+
+#[async_trait::async_trait]
+impl super::BatchSink for FileSink {
+    async fn write(&self, node: super::Node<'_>, input: SendableRecordBatchStream) -> Result<u64> {
+        write(node.spec, self, input).await
     }
 }

@@ -13,17 +13,10 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
-use crate::rules::{LoadedRule, RuleMode};
+use crate::spec::rules::{LoadedRule, RuleMode};
+use crate::spec::sql::{ident, literal};
 
 const AGGREGATES: &[&str] = &["count", "sum", "avg", "min", "max"];
-
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
 
 /// A stable version of a rule set: a hash of every rule file's name and text.
 pub fn version(rules: &[LoadedRule]) -> String {
@@ -55,8 +48,8 @@ pub fn batch_sql(
                 let time = w.time.as_ref().ok_or_else(|| {
                     format!("rule '{id}': evaluating a window over stored events needs 'window.time' (the event-time column)")
                 })?;
-                let secs = humantime::parse_duration(w.size.value()).map_err(|e| e.to_string())?.as_secs();
-                windowed(r.when.value(), &w.by, time, secs)?
+                let size = humantime::parse_duration(w.size.value()).map_err(|e| e.to_string())?;
+                windowed(r.when.value(), &w.by, time, size)?
             }
         };
         let reason = reason_sql(r.when.value(), &|w| columns.iter().any(|c| c == w).then(|| w.to_string()));
@@ -65,11 +58,11 @@ pub fn batch_sql(
             "SELECT concat({}, ':', CAST({} AS VARCHAR)) AS alert_id, {} AS rule_id, {} AS severity, {} AS rules_version, \
              {reason} AS reason, e.* FROM {} AS e",
             literal(id),
-            quote(key),
+            ident(key),
             literal(id),
             literal(&severity),
             literal(version),
-            quote(input)
+            ident(input)
         );
         let part = if r.window.is_some() {
             // Window functions cannot stand in WHERE: compute, then filter.
@@ -85,14 +78,14 @@ pub fn batch_sql(
     }
     let alert_cols = ["alert_id", "rule_id", "severity", "rules_version", "reason"];
     let event_cols: Vec<String> =
-        columns.iter().filter(|c| !alert_cols.contains(&c.as_str())).map(|c| quote(c)).collect();
+        columns.iter().filter(|c| !alert_cols.contains(&c.as_str())).map(|c| ident(c)).collect();
     let select = format!("alert_id, rule_id, severity, rules_version, reason, {}", event_cols.join(", "));
     if parts.is_empty() {
         return Ok(format!(
             "SELECT CAST(NULL AS VARCHAR) AS alert_id, CAST(NULL AS VARCHAR) AS rule_id, CAST(NULL AS VARCHAR) AS severity, \
              CAST(NULL AS VARCHAR) AS rules_version, CAST(NULL AS VARCHAR) AS reason, {} FROM {} WHERE false",
             event_cols.join(", "),
-            quote(input)
+            ident(input)
         ));
     }
     Ok(parts
@@ -117,7 +110,7 @@ pub fn reason_sql(when: &str, label: &dyn Fn(&str) -> Option<String>) -> String 
                 text.push(' ');
                 pieces.push(literal(&text));
                 text.clear();
-                let col = quote(&w.value);
+                let col = ident(&w.value);
                 pieces.push(format!("CASE WHEN {col} IS NULL THEN 'NULL' ELSE CAST({col} AS VARCHAR) END"));
             }
             other => text.push_str(&other.to_string()),
@@ -130,7 +123,9 @@ pub fn reason_sql(when: &str, label: &dyn Fn(&str) -> Option<String>) -> String 
 }
 
 /// `when` with each aggregate made a window function over the rule's window.
-fn windowed(when: &str, by: &[String], time: &str, secs: u64) -> Result<String, String> {
+/// The frame is the window's size to the microsecond, as the stream keeps it.
+fn windowed(when: &str, by: &[String], time: &str, size: std::time::Duration) -> Result<String, String> {
+    let micros = size.as_micros();
     let dialect = GenericDialect {};
     let mut expr = Parser::new(&dialect)
         .try_with_sql(when)
@@ -149,7 +144,7 @@ fn windowed(when: &str, by: &[String], time: &str, secs: u64) -> Result<String, 
             units: WindowFrameUnits::Range,
             start_bound: WindowFrameBound::Preceding(Some(Box::new(
                 Parser::new(&dialect)
-                    .try_with_sql(&format!("INTERVAL '{secs} seconds'"))
+                    .try_with_sql(&format!("INTERVAL '{micros} microseconds'"))
                     .and_then(|mut p| p.parse_expr())
                     .map_err(|e| e.to_string())?,
             ))),
@@ -194,7 +189,13 @@ mod tests {
 
     #[test]
     fn aggregates_become_window_functions() {
-        let w = windowed("count(*) > 5", &["customer_id".into()], "timestamp", 60).unwrap();
+        let w = windowed(
+            "count(*) > 5",
+            &["customer_id".into()],
+            "timestamp",
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
         assert!(w.starts_with("count(*) OVER (PARTITION BY \"customer_id\" ORDER BY \"timestamp\" ASC RANGE BETWEEN INTERVAL"), "{w}");
     }
 }

@@ -5,6 +5,8 @@
 //! Projection happens client-side on purpose: it keeps the source working
 //! against MongoDB-wire servers that lack server-side projection.
 
+pub mod config;
+
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -23,7 +25,8 @@ use mongodb::bson::{self, Bson, Document};
 
 use crate::error::{Error, Result};
 use crate::plan::schema::from_declared;
-use crate::spec::model::{MongoSink, MongoSource, WriteMode};
+use crate::spec::model::WriteMode;
+use config::{MongoConnection, MongoSink, MongoSource};
 
 const BATCH_ROWS: usize = 8192;
 
@@ -284,4 +287,38 @@ fn value(col: &ArrayRef, row: usize) -> std::result::Result<Option<Bson>, String
         }
         other => return Err(format!("type {other} cannot be written as a document field")),
     }))
+}
+
+// ------------------------------------------------------------------ runtime
+
+#[async_trait::async_trait]
+impl super::BatchSource for MongoSource {
+    async fn open(
+        &self,
+        node: super::Node<'_>,
+        _ctx: &datafusion::prelude::SessionContext,
+        _watermark: Option<&str>,
+    ) -> Result<SendableRecordBatchStream> {
+        let (name, c) = node.connection::<MongoConnection>(&self.connection)?;
+        open(name, &c.url, &c.database, self).await
+    }
+}
+
+#[async_trait::async_trait]
+impl super::BatchSink for MongoSink {
+    async fn write(&self, node: super::Node<'_>, input: SendableRecordBatchStream) -> Result<u64> {
+        let (name, c) = node.connection::<MongoConnection>(&self.connection)?;
+        write(name, &c.url, &c.database, self, input).await
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Probe for MongoConnection {
+    async fn probe(&self, node: super::Node<'_>, _input: Option<SchemaRef>) -> Result<()> {
+        let coll = collection(node.id, &self.url, &self.database, "engine_connect_check").await?;
+        let mut cursor =
+            coll.find(Document::new()).limit(1).await.map_err(|e| external(node.id, &self.url, e))?;
+        cursor.try_next().await.map_err(|e| external(node.id, &self.url, e))?;
+        Ok(())
+    }
 }

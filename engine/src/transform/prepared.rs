@@ -1,6 +1,7 @@
-//! SQL transforms in a stream: each query is planned once, over tables whose
-//! scan reads "the current micro-batch" from a slot, and the same physical
-//! plan then runs for every batch.
+//! Queries over micro-batches (SQL transforms in a stream, generated rows):
+//! each query is planned once, over tables whose scan reads "the current
+//! micro-batch" from a slot, and the same physical plan then runs for every
+//! batch.
 
 use std::sync::{Arc, Mutex};
 
@@ -14,8 +15,8 @@ use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::physical_plan::{collect, ExecutionPlan};
 use datafusion::prelude::SessionContext;
 
-use crate::connectors::df_error;
 use crate::error::Result;
+use crate::spec::sql::df_error;
 
 /// The batches an input table holds while one micro-batch runs.
 #[derive(Debug, Default, Clone)]

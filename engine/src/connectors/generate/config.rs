@@ -1,0 +1,79 @@
+//! The settings of the generate source and their checks.
+
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::connector::{Context, SourceSettings};
+use crate::spec::model::{BatchSpec, Mode};
+use crate::spec::sql;
+use crate::spec::values::parse_rate;
+use crate::spec::yaml::Sp;
+
+/// Synthetic rows: `rows` of them (batch) or `rate` per second (stream).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateSource {
+    /// How many rows (batch mode).
+    #[serde(default)]
+    pub rows: Option<u64>,
+    /// Rows per second (stream mode), e.g. `5000/s`.
+    #[serde(default)]
+    pub rate: Option<Sp<String>>,
+    /// The same seed gives the same rows.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Output columns as SQL expressions over the row number `n`.
+    pub columns: IndexMap<String, Sp<String>>,
+    /// What this node makes, for people and `engine graph`.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Micro-batching.
+    #[serde(default)]
+    pub batch: Option<BatchSpec>,
+}
+
+crate::spec::connector::settings!(GenerateSource);
+
+impl SourceSettings for GenerateSource {
+    fn connection(&self) -> Option<&Sp<String>> {
+        None
+    }
+
+    fn schema_query(&self) -> Option<Result<String, String>> {
+        Some(crate::transform::generate::sql(&self.columns, self.seed.unwrap_or(0), 1))
+    }
+
+    fn detail(&self) -> String {
+        match (&self.rows, &self.rate) {
+            (_, Some(rate)) => rate.value().clone(),
+            (Some(rows), _) => format!("{rows} rows"),
+            _ => String::new(),
+        }
+    }
+
+    fn check(&self, cx: &mut Context) {
+        match (cx.mode() == Mode::Stream, self.rows.is_some(), &self.rate) {
+            (false, true, None) => {}
+            (false, _, _) => cx.error_here("in batch mode a generate source takes 'rows' (and no 'rate')"),
+            (true, false, Some(rate)) => {
+                if parse_rate(rate.value()).is_none() {
+                    cx.error(
+                        rate.pos(),
+                        format!("bad rate '{}'; write events per second, e.g. 5000/s", rate.value()),
+                    );
+                }
+            }
+            (true, _, _) => cx.error_here("in stream mode a generate source takes 'rate' (and no 'rows')"),
+        }
+        if self.columns.is_empty() {
+            cx.error_here("'columns' needs at least one column");
+        }
+        for (col, expr) in &self.columns {
+            if let Err(e) = sql::parse_expr(expr.value()) {
+                cx.error(expr.pos(), format!("column '{col}': bad SQL expression: {e}"));
+            }
+        }
+        cx.duration("batch.max_wait", self.batch.as_ref().and_then(|b| b.max_wait.as_deref()));
+    }
+}

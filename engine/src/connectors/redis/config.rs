@@ -1,0 +1,185 @@
+//! The settings of redis connections, sources and sinks, and their checks
+//! that need no connection.
+
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::connector::{ConnectionSettings, Context, SinkSettings, SourceSettings};
+use crate::spec::model::{BatchSpec, ColumnSpec};
+use crate::spec::yaml::Sp;
+
+/// A Redis server.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConnection {
+    /// `redis://host:port`.
+    pub url: String,
+}
+
+/// Where malformed stream messages go.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetter {
+    /// A Redis stream on the source's connection.
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// A connection of type `postgres`, with `table`.
+    #[serde(default)]
+    pub connection: Option<Sp<String>>,
+    /// A table on `connection`.
+    #[serde(default)]
+    pub table: Option<String>,
+}
+
+/// Message formats of stream sources and sinks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageFormat {
+    #[default]
+    Json,
+}
+
+/// Events from Redis Pub/Sub (`channel`) or a Redis Stream (`stream` + `group`).
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSource {
+    /// A connection of type `redis`.
+    pub connection: Sp<String>,
+    /// A Pub/Sub channel (at-most-once). Either this or `stream`.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// A Redis Stream (at-least-once with `group`).
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// The consumer group (streams).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// This process's consumer name in the group; defaults to host and pid.
+    #[serde(default)]
+    pub consumer: Option<String>,
+    /// The stream entry field holding the message.
+    #[serde(default = "default_payload_field")]
+    pub field: String,
+    /// Message format.
+    #[serde(default)]
+    pub format: MessageFormat,
+    /// Columns of the decoded events.
+    pub schema: IndexMap<String, ColumnSpec>,
+    /// Where malformed messages and entries past `max_deliveries` go.
+    #[serde(default)]
+    pub dead_letter: Option<DeadLetter>,
+    /// Deliveries of one stream entry before it goes to the dead letter (default 5).
+    #[serde(default)]
+    pub max_deliveries: Option<u32>,
+    /// Entries another consumer has left pending this long are claimed (default `30s`).
+    #[serde(default)]
+    pub reclaim_after: Option<String>,
+    /// Larger messages go to the dead letter (default 1048576).
+    #[serde(default)]
+    pub max_message_bytes: Option<u64>,
+    /// What this node reads, for people and `engine graph`.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Micro-batching.
+    #[serde(default)]
+    pub batch: Option<BatchSpec>,
+}
+
+fn default_payload_field() -> String {
+    "payload".to_string()
+}
+
+/// Publishes rows as JSON on a Redis channel or appends them to a stream.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSink {
+    /// The upstream node.
+    pub input: Sp<String>,
+    /// A connection of type `redis`.
+    pub connection: Sp<String>,
+    /// PUBLISH to this channel. Either this or `stream`.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// XADD to this stream, message in field `payload`.
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// Trim the stream to about this many entries.
+    #[serde(default)]
+    pub maxlen: Option<u64>,
+    /// Message format.
+    #[serde(default)]
+    pub format: MessageFormat,
+    /// What this node writes, for people and `engine graph`.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+crate::spec::connector::settings!(RedisConnection, RedisSource, RedisSink);
+
+impl ConnectionSettings for RedisConnection {
+    fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl SourceSettings for RedisSource {
+    fn connection(&self) -> Option<&Sp<String>> {
+        Some(&self.connection)
+    }
+
+    fn declared_schema(&self) -> Option<&IndexMap<String, ColumnSpec>> {
+        Some(&self.schema)
+    }
+
+    fn detail(&self) -> String {
+        let what = self.stream.as_ref().or(self.channel.as_ref()).cloned().unwrap_or_default();
+        format!("{}.{what}", self.connection.value())
+    }
+
+    fn check(&self, cx: &mut Context) {
+        match (&self.channel, &self.stream) {
+            (Some(_), Some(_)) | (None, None) => {
+                cx.error_here("give either 'channel' (Pub/Sub) or 'stream' (Redis Streams)")
+            }
+            (Some(_), None) if self.group.is_some() => {
+                cx.error_here("'group' applies to 'stream', not to 'channel'")
+            }
+            (None, Some(_)) if self.group.is_none() => cx.error_here("'stream' needs a consumer 'group'"),
+            _ => {}
+        }
+        if let Some(dl) = &self.dead_letter {
+            match (&dl.stream, &dl.connection, &dl.table) {
+                (Some(_), None, None) => {}
+                (None, Some(c), Some(_)) => {
+                    let what = format!("{} dead_letter", cx.what);
+                    cx.connection_of(&what, c, "postgres");
+                }
+                _ => cx.error_here("'dead_letter' takes either 'stream' or 'connection' with 'table'"),
+            }
+        }
+        cx.duration("reclaim_after", self.reclaim_after.as_deref());
+        cx.duration("batch.max_wait", self.batch.as_ref().and_then(|b| b.max_wait.as_deref()));
+    }
+}
+
+impl SinkSettings for RedisSink {
+    fn input(&self) -> &Sp<String> {
+        &self.input
+    }
+
+    fn connection(&self) -> Option<&Sp<String>> {
+        Some(&self.connection)
+    }
+
+    fn detail(&self) -> String {
+        let what = self.stream.as_ref().or(self.channel.as_ref()).cloned().unwrap_or_default();
+        format!("{}.{what}", self.connection.value())
+    }
+
+    fn check(&self, cx: &mut Context) {
+        if self.channel.is_some() == self.stream.is_some() {
+            cx.error_here("give either 'channel' (PUBLISH) or 'stream' (XADD)");
+        }
+    }
+}

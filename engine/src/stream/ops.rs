@@ -1,0 +1,184 @@
+//! The transforms of a stream, compiled once: rules (with their windows and
+//! live reload) and SQL planned once over slots that hold the current
+//! micro-batch; [`Executor::batch`] runs one micro-batch through them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::prelude::SessionContext;
+use petgraph::Direction;
+
+use super::sinks::SinkOp;
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+use crate::rules::eval::CompiledRules;
+use crate::rules::watch::{self as rules_watch, Watching};
+use crate::rules::window::Windows;
+use crate::spec::model::Transform;
+use crate::transform::prepared::SqlOp;
+
+/// A rules transform in a running stream.
+pub(super) struct RulesOp {
+    id: String,
+    input: String,
+    current: Arc<CompiledRules>,
+    windows: HashMap<String, Windows>,
+    watching: Option<Watching>,
+}
+
+impl RulesOp {
+    fn run(&mut self, input: &[RecordBatch]) -> Result<RecordBatch> {
+        if let Some(w) = &mut self.watching {
+            if w.rules.has_changed().unwrap_or(false) {
+                let next = w.rules.borrow_and_update().clone();
+                self.windows = next.windows(std::mem::take(&mut self.windows));
+                self.current = next;
+            }
+        }
+        let batch = match input {
+            [one] => one.clone(),
+            _ => concat_batches(&self.current_input_schema(input), input)
+                .map_err(|e| Error::Internal(e.to_string()))?,
+        };
+        let (alerts, hits) = self
+            .current
+            .evaluate(&batch, &mut self.windows, now_us())
+            .map_err(|e| Error::External { system: format!("transform '{}'", self.id), message: e })?;
+        for h in hits {
+            let mode = if h.mode == crate::spec::rules::RuleMode::Shadow { "shadow" } else { "live" };
+            metrics::counter!("engine_rule_hits_total", "node" => self.id.clone(), "rule" => h.rule, "mode" => mode)
+                .increment(h.count as u64);
+        }
+        Ok(alerts)
+    }
+
+    fn current_input_schema(&self, input: &[RecordBatch]) -> SchemaRef {
+        input.first().map(|b| b.schema()).unwrap_or_else(|| Arc::new(Schema::empty()))
+    }
+}
+
+pub(super) enum Op {
+    Rules(RulesOp),
+    Sql(SqlOp),
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
+}
+
+pub(super) struct Executor {
+    pub(super) ops: Vec<Op>,
+}
+
+impl Executor {
+    /// Runs one micro-batch through the transforms: every node's output.
+    pub(super) async fn batch(
+        &mut self,
+        source_id: &str,
+        batch: RecordBatch,
+    ) -> Result<HashMap<String, Vec<RecordBatch>>> {
+        let mut outputs: HashMap<String, Vec<RecordBatch>> = HashMap::new();
+        metrics::counter!("engine_events_out_total", "node" => source_id.to_string())
+            .increment(batch.num_rows() as u64);
+        outputs.insert(source_id.to_string(), vec![batch]);
+        for op in &mut self.ops {
+            let (id, rows_in, out) = match op {
+                Op::Rules(r) => {
+                    let input = outputs.get(&r.input).cloned().unwrap_or_default();
+                    let out = r.run(&input)?;
+                    (r.id.clone(), rows(&input), vec![out])
+                }
+                Op::Sql(s) => {
+                    let mut rows_in = 0;
+                    for (name, slot) in &s.inputs {
+                        let input = outputs.get(name).cloned().unwrap_or_default();
+                        rows_in += rows(&input);
+                        slot.set(input);
+                    }
+                    (s.id.clone(), rows_in, s.run().await?)
+                }
+            };
+            tracing::debug!(node = %id, "{rows_in} rows in, {} out", rows(&out));
+            metrics::counter!("engine_events_in_total", "node" => id.clone()).increment(rows_in);
+            metrics::counter!("engine_events_out_total", "node" => id.clone()).increment(rows(&out));
+            outputs.insert(id, out);
+        }
+        Ok(outputs)
+    }
+}
+
+fn rows(batches: &[RecordBatch]) -> u64 {
+    batches.iter().map(|b| b.num_rows() as u64).sum()
+}
+
+pub(super) type Built = (Vec<Op>, Vec<SinkOp>, Vec<(String, Arc<std::sync::Mutex<rules_watch::Status>>)>);
+
+/// Compiles every transform once and opens no sink yet.
+pub(super) async fn build(
+    plan: &Plan,
+    ctx: &SessionContext,
+    source_id: &str,
+    source_schema: &SchemaRef,
+) -> Result<Built> {
+    let pipeline = &plan.spec.pipeline;
+    let mut schemas: HashMap<String, SchemaRef> =
+        HashMap::from([(source_id.to_string(), source_schema.clone())]);
+    let (mut ops, mut sinks, mut statuses) = (Vec::new(), Vec::new(), Vec::new());
+    for id in plan.order() {
+        match pipeline.transforms.get(&id) {
+            Some(Transform::Rules(r)) => {
+                let input = r.input.value().clone();
+                let schema = schemas
+                    .get(&input)
+                    .cloned()
+                    .ok_or_else(|| Error::Internal(format!("no schema for '{input}'")))?;
+                let src = rules_watch::Source {
+                    node: id.clone(),
+                    target: plan.spec.resolve(r.rules.value()),
+                    schema,
+                    key: r.key.value().clone(),
+                };
+                let first = src.load().await.map_err(|e| Error::Usage(format!("transform '{id}': {e}")))?;
+                schemas.insert(id.clone(), first.output_schema());
+                let current = Arc::new(first);
+                let windows = current.windows(HashMap::new());
+                let watching = if r.reload.unwrap_or(true) {
+                    let w = rules_watch::start(src, current.clone())?;
+                    statuses.push((id.clone(), w.status.clone()));
+                    Some(w)
+                } else {
+                    None
+                };
+                tracing::info!(node = %id, version = %current.version, rules = current.total, "rules loaded");
+                ops.push(Op::Rules(RulesOp { id: id.clone(), input, current, windows, watching }));
+            }
+            Some(Transform::Sql(t)) => {
+                let inputs: Vec<(String, SchemaRef)> = inputs_of(plan, &id)
+                    .into_iter()
+                    .filter_map(|i| schemas.get(&i).map(|s| (i, s.clone())))
+                    .collect();
+                let op = SqlOp::plan(ctx, &id, t.sql.value(), &inputs).await?;
+                schemas.insert(id.clone(), op.schema());
+                ops.push(Op::Sql(op));
+            }
+            None => {
+                if let Some(s) = pipeline.sinks.get(&id) {
+                    sinks.push(SinkOp::new(&plan.spec, &id, s)?);
+                }
+            }
+        }
+    }
+    Ok((ops, sinks, statuses))
+}
+
+/// The node ids a node reads.
+fn inputs_of(plan: &Plan, id: &str) -> Vec<String> {
+    let Some(&idx) = plan.nodes.get(id) else { return vec![] };
+    plan.graph.neighbors_directed(idx, Direction::Incoming).map(|i| plan.graph[i].id.clone()).collect()
+}
