@@ -94,7 +94,7 @@ pub fn compile(check: &Check) -> CheckSql {
         Check::RowCount(c) => CheckSql::RowCount { min: c.min, max: c.max },
         Check::Freshness(c) => CheckSql::Freshness {
             column: c.column.clone(),
-            max_age_secs: humantime::parse_duration(&c.max_age).map(|d| d.as_secs()).unwrap_or(0),
+            max_age_secs: c.max_age.get().as_secs(),
         },
     }
 }

@@ -15,7 +15,6 @@ use crate::connectors::postgres;
 use crate::error::{Error, Result};
 use crate::spec::model::{Check, OnFail, Severity};
 use crate::spec::sql::df_error;
-use crate::spec::values::{parse_max_failures, MaxFailures};
 
 impl Executor<'_> {
     /// Evaluates one check of node `id` on its current file.
@@ -108,11 +107,7 @@ impl Executor<'_> {
         outcome.samples = json_values(&samples).map_err(|e| Error::Internal(format!("{what}: {e}")))?;
         outcome.message = if count == 0 { "ok".into() } else { format!("{count} rows: {reason}") };
         if opts.on_fail == OnFail::Quarantine && count > 0 {
-            let allowed = match opts.max_failures.and_then(parse_max_failures) {
-                Some(MaxFailures::Count(n)) => n,
-                Some(MaxFailures::Percent(p)) => ((rows as f64) * p / 100.0).floor() as u64,
-                None => 0,
-            };
+            let allowed = opts.max_failures.map_or(0, |m| m.allowed(rows));
             outcome.passed = count <= allowed;
             let failing_rows = self.stream(&what, &failing).await?;
             self.quarantine_rows(id, check.name(), &reason, failing_rows).await?;

@@ -196,15 +196,6 @@ impl<'a> Context<'a> {
         self.error(at, message);
     }
 
-    /// A duration setting that must parse (`500ms`, `30s`, `10m`).
-    pub fn duration(&mut self, key: &str, value: Option<&str>) {
-        if let Some(v) = value {
-            if humantime::parse_duration(v).is_err() {
-                self.error_here(format!("{key}: bad duration '{v}'; write e.g. 500ms, 30s, 10m, 1d"));
-            }
-        }
-    }
-
     /// `upsert` needs key columns, and only `upsert` takes them.
     pub fn write_mode(&mut self, mode: WriteMode, key: Option<&[String]>) {
         let has_key = key.is_some_and(|k| !k.is_empty());

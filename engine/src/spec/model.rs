@@ -14,6 +14,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::connector::{ConnectionSettings, SinkSettings, SourceSettings};
+use super::values::{Duration, MaxFailures};
 use super::yaml::{Data, Sp};
 
 /// A pipeline file.
@@ -155,7 +156,7 @@ pub struct BatchSpec {
     pub max_rows: Option<u64>,
     /// Emit a batch once its first row has waited this long (`250ms`, `1s`).
     #[serde(default)]
-    pub max_wait: Option<String>,
+    pub max_wait: Option<Duration>,
 }
 
 /// Incremental reading by a monotonically increasing column.
@@ -166,7 +167,7 @@ pub struct Incremental {
     pub column: String,
     /// Re-read this far behind the watermark, for late commits (`10m`).
     #[serde(default)]
-    pub lookback: Option<String>,
+    pub lookback: Option<Duration>,
 }
 
 /// A column in a `schema:`: a type name, or the long form.
@@ -383,7 +384,7 @@ macro_rules! check_struct {
             /// With `on_fail: quarantine`: how many failing rows are tolerated,
             /// as a count (`10`) or a share of the rows (`"0.5%"`).
             #[serde(default)]
-            pub max_failures: Option<String>,
+            pub max_failures: Option<MaxFailures>,
             /// A name for reports; defaults to the check's kind.
             #[serde(default)]
             pub name: Option<String>,
@@ -460,7 +461,7 @@ check_struct!(
         /// A timestamp column.
         column: String,
         /// How old the newest row may be (`1d`, `6h`).
-        max_age: String,
+        max_age: Duration,
     }
 );
 
@@ -560,7 +561,7 @@ impl Check {
                     $(Check::$v(c) => CheckOptions {
                         severity: c.severity,
                         on_fail: c.on_fail,
-                        max_failures: c.max_failures.as_deref(),
+                        max_failures: c.max_failures,
                         name: c.name.as_deref(),
                     },)*
                 }
@@ -580,7 +581,7 @@ impl Check {
 pub struct CheckOptions<'a> {
     pub severity: Severity,
     pub on_fail: OnFail,
-    pub max_failures: Option<&'a str>,
+    pub max_failures: Option<MaxFailures>,
     pub name: Option<&'a str>,
 }
 

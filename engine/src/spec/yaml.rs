@@ -175,7 +175,13 @@ fn describe(node: &Node, path: &str, e: marked_yaml::Error) -> (Pos, String) {
                 }
                 _ => fallback(),
             };
-            (pos, restyle(msg))
+            // The language's own values (durations, rates) say what is wrong
+            // with the value; the path says which key holds it.
+            let message = match msg.starts_with("bad ") && !path.is_empty() && path != "." {
+                true => format!("{path}: {msg}"),
+                false => restyle(msg),
+            };
+            (pos, message)
         }
     }
 }

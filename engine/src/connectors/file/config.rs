@@ -66,9 +66,7 @@ impl SourceSettings for FileSource {
         self.path.value().clone()
     }
 
-    fn check(&self, cx: &mut Context) {
-        cx.duration("batch.max_wait", self.batch.as_ref().and_then(|b| b.max_wait.as_deref()));
-    }
+    fn check(&self, _cx: &mut Context) {}
 }
 
 impl SinkSettings for FileSink {

@@ -85,7 +85,7 @@ async fn generate(
     let rate = g
         .rate
         .as_ref()
-        .and_then(|r| crate::spec::values::parse_rate(r.value()))
+        .map(|r| r.per_second())
         .ok_or_else(|| Error::Usage("generate source needs a 'rate' in stream mode".into()))?;
     let n_schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
     let ctx = crate::transform::sql::session(crate::transform::sql::Purpose::Stream);

@@ -5,6 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::connector::{Context, SinkSettings};
+use crate::spec::values::Duration;
 use crate::spec::yaml::Sp;
 
 /// The HTTP method of each request.
@@ -49,7 +50,7 @@ pub struct HttpSink {
     pub headers: IndexMap<String, String>,
     /// How long one request may take (default `10s`).
     #[serde(default)]
-    pub timeout: Option<String>,
+    pub timeout: Option<Duration>,
     /// Attempts after the first for a 5xx answer or a connection error in a
     /// batch run (default 5); a stream retries until the endpoint is back.
     #[serde(default)]
@@ -100,6 +101,5 @@ impl SinkSettings for HttpSink {
                 cx.error_here(format!("headers: '{name}' is not a valid header name"));
             }
         }
-        cx.duration("timeout", self.timeout.as_deref());
     }
 }

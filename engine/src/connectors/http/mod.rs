@@ -50,13 +50,7 @@ struct Endpoint {
 
 impl Endpoint {
     fn new(node: Node<'_>, s: &HttpSink) -> Result<Self> {
-        let timeout = s
-            .timeout
-            .as_deref()
-            .map(humantime::parse_duration)
-            .transpose()
-            .map_err(|e| Error::Usage(format!("sink '{}': timeout: {e}", node.id)))?
-            .unwrap_or(Duration::from_secs(10));
+        let timeout = s.timeout.as_ref().map_or(Duration::from_secs(10), |t| t.get());
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .build()

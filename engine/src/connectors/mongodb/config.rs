@@ -86,7 +86,6 @@ impl SourceSettings for MongoSource {
         if self.schema.is_empty() {
             cx.error_here("'schema' needs at least one column");
         }
-        cx.duration("batch.max_wait", self.batch.as_ref().and_then(|b| b.max_wait.as_deref()));
     }
 }
 

@@ -104,10 +104,6 @@ impl SourceSettings for PostgresSource {
         if self.incremental.is_some() && cx.spec.pipeline.state.is_none() {
             cx.error_here("'incremental' needs a 'state:' section to keep watermarks in");
         }
-        if let Some(inc) = &self.incremental {
-            cx.duration("incremental.lookback", inc.lookback.as_deref());
-        }
-        cx.duration("batch.max_wait", self.batch.as_ref().and_then(|b| b.max_wait.as_deref()));
     }
 }
 

@@ -75,8 +75,7 @@ pub async fn open(
         let col = columns.iter().find(|c| c.name == inc.column).ok_or_else(|| {
             Error::Usage(format!("incremental column '{}' is not in the source's columns", inc.column))
         })?;
-        let lookback =
-            inc.lookback.as_deref().and_then(|l| humantime::parse_duration(l).ok()).map(|d| d.as_secs());
+        let lookback = inc.lookback.as_ref().map(|l| l.get().as_secs());
         let bound = match lookback {
             Some(secs) if secs > 0 => {
                 format!("CAST('{}' AS {}) - INTERVAL '{secs} seconds'", wm.replace('\'', "''"), col.type_name)

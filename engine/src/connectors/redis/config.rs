@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::connector::{ConnectionSettings, Context, SinkSettings, SourceSettings};
 use crate::spec::model::{BatchSpec, ColumnSpec};
+use crate::spec::values::Duration;
 use crate::spec::yaml::Sp;
 
 /// A Redis server.
@@ -74,7 +75,7 @@ pub struct RedisSource {
     pub max_deliveries: Option<u32>,
     /// Entries another consumer has left pending this long are claimed (default `30s`).
     #[serde(default)]
-    pub reclaim_after: Option<String>,
+    pub reclaim_after: Option<Duration>,
     /// Larger messages go to the dead letter (default 1048576).
     #[serde(default)]
     pub max_message_bytes: Option<u64>,
@@ -158,8 +159,6 @@ impl SourceSettings for RedisSource {
                 _ => cx.error_here("'dead_letter' takes either 'stream' or 'connection' with 'table'"),
             }
         }
-        cx.duration("reclaim_after", self.reclaim_after.as_deref());
-        cx.duration("batch.max_wait", self.batch.as_ref().and_then(|b| b.max_wait.as_deref()));
     }
 }
 
