@@ -92,10 +92,9 @@ pub fn compile(check: &Check) -> CheckSql {
             }
         }
         Check::RowCount(c) => CheckSql::RowCount { min: c.min, max: c.max },
-        Check::Freshness(c) => CheckSql::Freshness {
-            column: c.column.clone(),
-            max_age_secs: c.max_age.get().as_secs(),
-        },
+        Check::Freshness(c) => {
+            CheckSql::Freshness { column: c.column.clone(), max_age_secs: c.max_age.get().as_secs() }
+        }
     }
 }
 

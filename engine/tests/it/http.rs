@@ -158,3 +158,20 @@ fn an_endpoint_that_stays_away_fails_the_run_naming_its_host_only() {
     assert!(stderr.contains("503"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
 }
+
+#[test]
+fn no_server_at_all_is_an_outage_tried_again_then_reported() {
+    let dir = scratch("http-closed");
+    // A port nobody listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let source = "{ type: generate, rows: 2, columns: { id: n } }";
+    std::fs::write(dir.join("hook.yaml"), spec("batch", source, "    max_retries: 1\n")).expect("spec");
+    let port_s = port.to_string();
+    let env = [("HOOK_PORT", port_s.as_str()), ("HOOK_SECRET", "s3cret"), ("HOOK_TOKEN", "tok-4")];
+    let out = engine_env(&dir, &["run", "hook.yaml"], &env);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("retrying in"), "the outage is tried again first: {stderr}");
+    assert!(stderr.contains(&format!("sink 'hook' (http 127.0.0.1:{port})")), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+}

@@ -143,8 +143,11 @@ impl RedisSource {
     fn reader_config(&self, node: Node<'_>) -> crate::error::Result<source::Config> {
         let (name, c) = node.connection::<RedisConnection>(&self.connection)?;
         let max_rows = self.batch.as_ref().and_then(|b| b.max_rows).unwrap_or(1000).max(1) as usize;
-        let max_wait =
-            self.batch.as_ref().and_then(|b| b.max_wait.as_ref()).map_or(Duration::from_millis(50), |w| w.get());
+        let max_wait = self
+            .batch
+            .as_ref()
+            .and_then(|b| b.max_wait.as_ref())
+            .map_or(Duration::from_millis(50), |w| w.get());
         let reclaim_after = self.reclaim_after.as_ref().map_or(Duration::from_secs(30), |r| r.get());
         let consumer = self.consumer.clone().unwrap_or_else(|| {
             let host =
