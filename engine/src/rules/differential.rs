@@ -61,7 +61,8 @@ fn events(n: usize) -> Vec<Event> {
         .collect()
 }
 
-fn schema() -> SchemaRef {
+/// Transactions as the rule tests see them.
+pub(super) fn schema() -> SchemaRef {
     let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     Arc::new(Schema::new(vec![
         Field::new("transaction_id", DataType::Int64, false),

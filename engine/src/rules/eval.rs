@@ -393,17 +393,8 @@ fn with_aggregates(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::differential::schema;
     use datafusion::arrow::array::TimestampMicrosecondArray;
-
-    fn schema() -> SchemaRef {
-        let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-        Arc::new(Schema::new(vec![
-            Field::new("transaction_id", DataType::Int64, false),
-            Field::new("customer_id", DataType::Int64, false),
-            Field::new("amount", DataType::Float64, false),
-            Field::new("timestamp", ts, false),
-        ]))
-    }
 
     fn batch(rows: &[(i64, i64, f64, i64)]) -> RecordBatch {
         let col = |f: fn(&(i64, i64, f64, i64)) -> i64| {

@@ -18,12 +18,14 @@ use super::{engine_env, scratch, text};
 /// What the endpoint answers to the `n`-th request (from 0) with this body.
 type Answer = dyn Fn(usize, &Value) -> u16 + Send + Sync;
 
+/// Bodies answered 2xx, with their Authorization header.
+type Delivered = Vec<(Option<String>, Value)>;
+
 #[derive(Clone)]
 struct Hook {
     answer: Arc<Answer>,
     requests: Arc<Mutex<usize>>,
-    /// Bodies answered 2xx, with their Authorization header.
-    delivered: Arc<Mutex<Vec<(Option<String>, Value)>>>,
+    delivered: Arc<Mutex<Delivered>>,
 }
 
 async fn receive(State(h): State<Hook>, headers: HeaderMap, body: Bytes) -> StatusCode {

@@ -198,21 +198,28 @@ impl OpenStreamSink for HttpSink {
 /// request twice.
 struct Streaming {
     endpoint: Endpoint,
-    /// The bodies of the batch being sent, the next to send, rows delivered.
-    pending: Option<(Vec<(Vec<u8>, u64)>, usize, u64)>,
+    pending: Option<Pending>,
+}
+
+/// A batch being sent: its request bodies (with their rows), the next one
+/// to send, and the rows delivered so far.
+struct Pending {
+    bodies: Vec<(Vec<u8>, u64)>,
+    next: usize,
+    sent: u64,
 }
 
 #[async_trait::async_trait]
 impl StreamSink for Streaming {
     async fn write(&mut self, batches: &[RecordBatch]) -> Result<u64> {
-        let (bodies, mut from, mut sent) = match self.pending.take() {
+        let mut p = match self.pending.take() {
             Some(p) => p,
-            None => (self.endpoint.bodies(batches)?, 0, 0),
+            None => Pending { bodies: self.endpoint.bodies(batches)?, next: 0, sent: 0 },
         };
-        match self.endpoint.attempt(&bodies, &mut from, &mut sent).await {
-            Ok(()) => Ok(sent),
+        match self.endpoint.attempt(&p.bodies, &mut p.next, &mut p.sent).await {
+            Ok(()) => Ok(p.sent),
             Err(e) => {
-                self.pending = Some((bodies, from, sent));
+                self.pending = Some(p);
                 Err(e)
             }
         }

@@ -105,30 +105,6 @@ pub fn read_reply(reply: redis::Value) -> Vec<Entry> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use redis::Value::{Array, BulkString, Nil};
-
-    #[test]
-    fn parses_read_replies() {
-        let b = |s: &str| BulkString(s.as_bytes().to_vec());
-        let reply = Array(vec![Array(vec![
-            b("s"),
-            Array(vec![
-                Array(vec![b("1-0"), Array(vec![b("payload"), b("{}")])]),
-                Array(vec![b("2-0"), Nil]),
-            ]),
-        ])]);
-        let e = read_reply(reply);
-        assert_eq!(e.len(), 2);
-        assert_eq!(e[0].0, "1-0");
-        assert_eq!(e[0].1.as_ref().unwrap()[0], (b"payload".to_vec(), b"{}".to_vec()));
-        assert!(e[1].1.is_none());
-        assert!(read_reply(Nil).is_empty());
-    }
-}
-
 // ------------------------------------------------------------------ runtime
 
 use datafusion::arrow::record_batch::RecordBatch;
@@ -284,5 +260,29 @@ impl StreamSink for Publishing {
             None => self.conn.insert(self.client.get_connection_manager().await.map_err(|e| ext(&e))?),
         };
         sink::write(c, &self.sink, batches).await.map_err(|e| ext(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value::{Array, BulkString, Nil};
+
+    #[test]
+    fn parses_read_replies() {
+        let b = |s: &str| BulkString(s.as_bytes().to_vec());
+        let reply = Array(vec![Array(vec![
+            b("s"),
+            Array(vec![
+                Array(vec![b("1-0"), Array(vec![b("payload"), b("{}")])]),
+                Array(vec![b("2-0"), Nil]),
+            ]),
+        ])]);
+        let e = read_reply(reply);
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].0, "1-0");
+        assert_eq!(e[0].1.as_ref().unwrap()[0], (b"payload".to_vec(), b"{}".to_vec()));
+        assert!(e[1].1.is_none());
+        assert!(read_reply(Nil).is_empty());
     }
 }
