@@ -35,6 +35,7 @@ pub fn pipeline_schema() -> Value {
     let root = generator.root_schema_for::<crate::spec::model::Pipeline>();
     let catalog = registry::catalog();
     let checks = generator.subschema_for::<Vec<crate::spec::model::Check>>().to_value();
+    let batch = generator.subschema_for::<crate::spec::model::BatchSpec>().to_value();
     let refs = [
         ("Connection", refs(&mut generator, &catalog.connections, |_| true)),
         ("Source", refs(&mut generator, &catalog.sources, |k| k.is_none())),
@@ -50,8 +51,15 @@ pub fn pipeline_schema() -> Value {
             };
             if let Some(props) = def.get_mut("properties").and_then(Value::as_object_mut) {
                 props.insert("type".into(), json!({ "const": name, "description": format!("`{name}`") }));
+                if role != "Connection" {
+                    props.insert(
+                        "description".into(),
+                        json!({ "type": "string", "description": "What this node does, for people." }),
+                    );
+                }
                 if role == "Source" {
                     props.insert("checks".into(), checks.clone());
+                    props.insert("batch".into(), batch.clone());
                 }
             }
             if type_required {

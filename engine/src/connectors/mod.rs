@@ -41,7 +41,7 @@ use datafusion::prelude::SessionContext;
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
-use crate::spec::model::Connection;
+use crate::spec::model::{BatchSpec, Connection};
 use crate::spec::yaml::Sp;
 use crate::spec::Spec;
 
@@ -119,6 +119,8 @@ pub struct StreamArgs {
     pub connected: Arc<AtomicBool>,
     /// Stop after this many events (`--max-events`), where the source can.
     pub limit: Option<u64>,
+    /// The source's micro-batching (`batch:`).
+    pub batch: Option<BatchSpec>,
 }
 
 /// A source of a stream, pulled a micro-batch at a time.

@@ -432,8 +432,19 @@ impl Loader {
         let name = self.node_kind(node, &what, &kinds, connections)?;
         let kind = self.catalog.source(name)?;
         let checks = self.checks(id, node);
-        let body = without(node, &["type", "checks"]);
-        Some(Source { kind: kind.name, checks, settings: (kind.read)(&body, &mut self.r, &what)? })
+        let (description, batch) = self.common(node, &what);
+        let body = without(node, &["type", "checks", "description", "batch"]);
+        let settings = (kind.read)(&body, &mut self.r, &what)?;
+        Some(Source { kind: kind.name, description, batch, checks, settings })
+    }
+
+    /// The keys every source takes: `description` and `batch`.
+    fn common(&mut self, node: &Node, what: &str) -> (Option<String>, Option<BatchSpec>) {
+        let Some(map) = node.as_mapping() else { return (None, None) };
+        let description = self.optional::<String>(map, "description");
+        let batch =
+            map.get("batch").filter(|b| !is_empty(b)).and_then(|b| self.r.read(b, &format!("{what}: batch")));
+        (description, batch)
     }
 
     fn transform(&mut self, id: &str, node: &Node) -> Option<Transform> {
@@ -480,8 +491,9 @@ impl Loader {
             );
         }
         let kind = self.catalog.sink(name)?;
-        let body = without(node, &["type", "checks"]);
-        Some(Sink { kind: kind.name, settings: (kind.read)(&body, &mut self.r, &what)? })
+        let description = node.as_mapping().and_then(|m| self.optional::<String>(m, "description"));
+        let body = without(node, &["type", "checks", "description"]);
+        Some(Sink { kind: kind.name, description, settings: (kind.read)(&body, &mut self.r, &what)? })
     }
 
     /// Reads `checks:` of node `id`: a list of one-key mappings.

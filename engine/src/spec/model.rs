@@ -123,6 +123,10 @@ impl Connection {
 pub struct Source {
     /// The kind (`type:`, or the type of its connection).
     pub kind: &'static str,
+    /// What this node reads, for people.
+    pub description: Option<String>,
+    /// Micro-batching (stream mode).
+    pub batch: Option<BatchSpec>,
     /// Data-quality checks on this node's output.
     pub checks: Vec<Check>,
     pub settings: Arc<dyn SourceSettings>,
@@ -592,6 +596,8 @@ pub struct CheckOptions<'a> {
 pub struct Sink {
     /// The kind (`type:`, or the type of its connection).
     pub kind: &'static str,
+    /// What this node writes, for people.
+    pub description: Option<String>,
     pub settings: Arc<dyn SinkSettings>,
 }
 

@@ -90,6 +90,7 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
         shutdown: stop_rx.clone(),
         connected: connected.clone(),
         limit: opts.max_events,
+        batch: source.batch.clone(),
     };
     let mut reader = opener.open_stream(Node { spec: &plan.spec, id: &source_id }, args)?;
     // Sinks and acknowledgements run in their own task, so batch N is

@@ -5,7 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::connector::{Context, SinkSettings, SourceSettings};
-use crate::spec::model::{BatchSpec, ColumnSpec};
+use crate::spec::model::ColumnSpec;
 use crate::spec::yaml::Sp;
 
 /// Formats of file sources and sinks.
@@ -28,12 +28,6 @@ pub struct FileSource {
     /// Column types; inferred from the files when omitted.
     #[serde(default)]
     pub schema: Option<IndexMap<String, ColumnSpec>>,
-    /// What this node reads, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Micro-batching.
-    #[serde(default)]
-    pub batch: Option<BatchSpec>,
 }
 
 /// Writes a CSV, JSON or Parquet file.
@@ -46,9 +40,6 @@ pub struct FileSink {
     pub path: Sp<String>,
     /// `csv`, `json` or `parquet`.
     pub format: FileFormat,
-    /// What this node writes, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
 }
 
 crate::spec::connector::settings!(FileSource, FileSink);

@@ -5,7 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::connector::{Context, SourceSettings};
-use crate::spec::model::{BatchSpec, Mode};
+use crate::spec::model::Mode;
 use crate::spec::sql;
 use crate::spec::values::Rate;
 use crate::spec::yaml::Sp;
@@ -25,12 +25,6 @@ pub struct GenerateSource {
     pub seed: Option<u64>,
     /// Output columns as SQL expressions over the row number `n`.
     pub columns: IndexMap<String, Sp<String>>,
-    /// What this node makes, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Micro-batching.
-    #[serde(default)]
-    pub batch: Option<BatchSpec>,
 }
 
 crate::spec::connector::settings!(GenerateSource);

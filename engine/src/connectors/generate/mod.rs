@@ -44,7 +44,8 @@ impl OpenStream for GenerateSource {
     fn open_stream(&self, _node: Node<'_>, args: StreamArgs) -> Result<Box<dyn StreamSource>> {
         args.connected.store(true, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(4);
-        let task = tokio::spawn(generate(self.clone(), args.schema, tx, args.shutdown, args.limit));
+        let max_rows = args.batch.as_ref().and_then(|b| b.max_rows).unwrap_or(1000).max(1);
+        let task = tokio::spawn(generate(self.clone(), args.schema, tx, args.shutdown, args.limit, max_rows));
         Ok(Box::new(Generated { rx, task: Some(task) }))
     }
 }
@@ -81,6 +82,7 @@ async fn generate(
     out: mpsc::Sender<RecordBatch>,
     mut stop: watch::Receiver<bool>,
     limit: Option<u64>,
+    max_rows: u64,
 ) -> Result<()> {
     let rate = g
         .rate
@@ -91,7 +93,6 @@ async fn generate(
     let ctx = crate::transform::sql::session(crate::transform::sql::Purpose::Stream);
     let query = format!("{} FROM __rows", select(&g.columns, g.seed.unwrap_or(0)).map_err(Error::Usage)?);
     let op = SqlOp::plan(&ctx, "generate", &query, &[("__rows".to_string(), n_schema.clone())]).await?;
-    let max_rows = g.batch.as_ref().and_then(|b| b.max_rows).unwrap_or(1000).max(1);
     let started = Instant::now();
     let mut made: u64 = 0;
     let tick = Duration::from_millis(10);

@@ -60,9 +60,6 @@ pub struct HttpSink {
     /// logged and counted.
     #[serde(default)]
     pub dead_letter: Option<Sp<String>>,
-    /// What this node sends, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
 }
 
 crate::spec::connector::settings!(HttpSink);

@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::connector::{ConnectionSettings, Context, SinkSettings, SourceSettings};
-use crate::spec::model::{BatchSpec, ColumnSpec, WriteMode};
+use crate::spec::model::{ColumnSpec, WriteMode};
 use crate::spec::yaml::{Data, Sp};
 
 /// A MongoDB (or MongoDB-wire) server.
@@ -32,12 +32,6 @@ pub struct MongoSource {
     pub filter: Option<Data>,
     /// Output columns, their types and the dotted paths they come from.
     pub schema: IndexMap<String, ColumnSpec>,
-    /// What this node reads, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Micro-batching.
-    #[serde(default)]
-    pub batch: Option<BatchSpec>,
 }
 
 /// Writes documents into a MongoDB collection.
@@ -56,9 +50,6 @@ pub struct MongoSink {
     /// Key fields for `upsert`.
     #[serde(default)]
     pub key: Option<Vec<String>>,
-    /// What this node writes, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
 }
 
 crate::spec::connector::settings!(MongoConnection, MongoSource, MongoSink);

@@ -5,7 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::connector::{ConnectionSettings, Context, SinkSettings, SourceSettings};
-use crate::spec::model::{BatchSpec, Incremental, Mode, WriteMode};
+use crate::spec::model::{Incremental, Mode, WriteMode};
 use crate::spec::yaml::Sp;
 
 /// A PostgreSQL database.
@@ -35,12 +35,6 @@ pub struct PostgresSource {
     /// Read only rows whose `column` is above the stored watermark.
     #[serde(default)]
     pub incremental: Option<Incremental>,
-    /// What this node reads, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Micro-batching.
-    #[serde(default)]
-    pub batch: Option<BatchSpec>,
 }
 
 /// Bulk load into a PostgreSQL table.
@@ -62,9 +56,6 @@ pub struct PostgresSink {
     /// Create the table from the input's schema when it does not exist.
     #[serde(default)]
     pub create: bool,
-    /// What this node writes, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
 }
 
 crate::spec::connector::settings!(PostgresConnection, PostgresSource, PostgresSink);

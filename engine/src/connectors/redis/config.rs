@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::connector::{ConnectionSettings, Context, SinkSettings, SourceSettings};
-use crate::spec::model::{BatchSpec, ColumnSpec};
+use crate::spec::model::ColumnSpec;
 use crate::spec::values::Duration;
 use crate::spec::yaml::Sp;
 
@@ -79,12 +79,6 @@ pub struct RedisSource {
     /// Larger messages go to the dead letter (default 1048576).
     #[serde(default)]
     pub max_message_bytes: Option<u64>,
-    /// What this node reads, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Micro-batching.
-    #[serde(default)]
-    pub batch: Option<BatchSpec>,
 }
 
 fn default_payload_field() -> String {
@@ -111,9 +105,6 @@ pub struct RedisSink {
     /// Message format.
     #[serde(default)]
     pub format: MessageFormat,
-    /// What this node writes, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
 }
 
 crate::spec::connector::settings!(RedisConnection, RedisSource, RedisSink);

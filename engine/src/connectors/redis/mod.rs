@@ -113,17 +113,18 @@ use tokio::sync::{mpsc, watch};
 use super::{
     Acker, Backoff, Delivery, Node, OpenStream, OpenStreamSink, StreamArgs, StreamSink, StreamSource, Token,
 };
+use crate::spec::model::BatchSpec;
 use config::{RedisConnection, RedisSink, RedisSource};
 
 impl RedisSource {
-    fn reader_config(&self, node: Node<'_>) -> crate::error::Result<source::Config> {
+    fn reader_config(
+        &self,
+        node: Node<'_>,
+        batch: Option<&BatchSpec>,
+    ) -> crate::error::Result<source::Config> {
         let (name, c) = node.connection::<RedisConnection>(&self.connection)?;
-        let max_rows = self.batch.as_ref().and_then(|b| b.max_rows).unwrap_or(1000).max(1) as usize;
-        let max_wait = self
-            .batch
-            .as_ref()
-            .and_then(|b| b.max_wait.as_ref())
-            .map_or(Duration::from_millis(50), |w| w.get());
+        let max_rows = batch.and_then(|b| b.max_rows).unwrap_or(1000).max(1) as usize;
+        let max_wait = batch.and_then(|b| b.max_wait.as_ref()).map_or(Duration::from_millis(50), |w| w.get());
         let reclaim_after = self.reclaim_after.as_ref().map_or(Duration::from_secs(30), |r| r.get());
         let consumer = self.consumer.clone().unwrap_or_else(|| {
             let host =
@@ -151,7 +152,7 @@ impl RedisSource {
 
 impl OpenStream for RedisSource {
     fn open_stream(&self, node: Node<'_>, args: StreamArgs) -> crate::error::Result<Box<dyn StreamSource>> {
-        let cfg = self.reader_config(node)?;
+        let cfg = self.reader_config(node, args.batch.as_ref())?;
         let ack = match (&self.stream, &self.group) {
             (Some(stream), Some(group)) => {
                 Some((client(&cfg.connection, &cfg.url)?, stream.clone(), group.clone()))

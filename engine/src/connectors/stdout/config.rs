@@ -24,9 +24,6 @@ pub struct StdoutSink {
     /// `table` or `json` (one object per line).
     #[serde(default)]
     pub format: StdoutFormat,
-    /// What this node shows, for people and `engine graph`.
-    #[serde(default)]
-    pub description: Option<String>,
 }
 
 crate::spec::connector::settings!(StdoutSink);
