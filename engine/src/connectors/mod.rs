@@ -62,7 +62,7 @@ impl<'a> Node<'a> {
             .get_key_value(name.value())
             .ok_or_else(|| Error::Internal(format!("connection '{}' is missing", name.value())))?;
         let settings = c.settings::<T>().ok_or_else(|| {
-            Error::Internal(format!("connection '{key}' is not of the type '{}' needs", self.id))
+            Error::Internal(format!("connection '{key}' is not of the type node '{}' needs", self.id))
         })?;
         Ok((key.as_str(), settings))
     }

@@ -101,7 +101,7 @@ pub fn batch_source<'a>(
     kind: &str,
     s: &'a (dyn SourceSettings + 'static),
 ) -> Option<&'a (dyn BatchSource + 'static)> {
-    find(&REGISTRY.sources, kind, |e| e.name).and_then(|e| e.batch).and_then(|f| f(s))
+    find(&REGISTRY.sources, kind, |e| e.read.name).and_then(|e| e.batch).and_then(|f| f(s))
 }
 
 /// A source's stream runtime, if its kind runs in a stream.
@@ -109,21 +109,21 @@ pub fn stream_source<'a>(
     kind: &str,
     s: &'a (dyn SourceSettings + 'static),
 ) -> Option<&'a (dyn OpenStream + 'static)> {
-    find(&REGISTRY.sources, kind, |e| e.name).and_then(|e| e.stream).and_then(|f| f(s))
+    find(&REGISTRY.sources, kind, |e| e.read.name).and_then(|e| e.stream).and_then(|f| f(s))
 }
 
 pub fn batch_sink<'a>(
     kind: &str,
     s: &'a (dyn SinkSettings + 'static),
 ) -> Option<&'a (dyn BatchSink + 'static)> {
-    find(&REGISTRY.sinks, kind, |e| e.name).and_then(|e| e.batch).and_then(|f| f(s))
+    find(&REGISTRY.sinks, kind, |e| e.read.name).and_then(|e| e.batch).and_then(|f| f(s))
 }
 
 pub fn stream_sink<'a>(
     kind: &str,
     s: &'a (dyn SinkSettings + 'static),
 ) -> Option<&'a (dyn OpenStreamSink + 'static)> {
-    find(&REGISTRY.sinks, kind, |e| e.name).and_then(|e| e.stream).and_then(|f| f(s))
+    find(&REGISTRY.sinks, kind, |e| e.read.name).and_then(|e| e.stream).and_then(|f| f(s))
 }
 
 /// A connection's transaction across sinks, if its system has them.
@@ -131,25 +131,25 @@ pub fn transaction<'a>(
     kind: &str,
     c: &'a (dyn ConnectionSettings + 'static),
 ) -> Option<&'a (dyn Transaction + 'static)> {
-    find(&REGISTRY.connections, kind, |e| e.name).and_then(|e| e.transaction).and_then(|f| f(c))
+    find(&REGISTRY.connections, kind, |e| e.read.name).and_then(|e| e.transaction).and_then(|f| f(c))
 }
 
 pub fn probe_connection<'a>(
     kind: &str,
     c: &'a (dyn ConnectionSettings + 'static),
 ) -> Option<&'a (dyn Probe + 'static)> {
-    find(&REGISTRY.connections, kind, |e| e.name).and_then(|e| e.probe).and_then(|f| f(c))
+    find(&REGISTRY.connections, kind, |e| e.read.name).and_then(|e| e.probe).and_then(|f| f(c))
 }
 
 pub fn probe_source<'a>(
     kind: &str,
     s: &'a (dyn SourceSettings + 'static),
 ) -> Option<&'a (dyn Probe + 'static)> {
-    find(&REGISTRY.sources, kind, |e| e.name).and_then(|e| e.probe).and_then(|f| f(s))
+    find(&REGISTRY.sources, kind, |e| e.read.name).and_then(|e| e.probe).and_then(|f| f(s))
 }
 
 pub fn probe_sink<'a>(kind: &str, s: &'a (dyn SinkSettings + 'static)) -> Option<&'a (dyn Probe + 'static)> {
-    find(&REGISTRY.sinks, kind, |e| e.name).and_then(|e| e.probe).and_then(|f| f(s))
+    find(&REGISTRY.sinks, kind, |e| e.read.name).and_then(|e| e.probe).and_then(|f| f(s))
 }
 
 // ------------------------------------------------------------------ entries
@@ -195,7 +195,6 @@ fn as_probe<T: Probe + 'static, S: crate::spec::connector::Settings + ?Sized>(
 }
 
 struct ConnectionEntry {
-    name: &'static str,
     read: Kind<dyn ConnectionSettings>,
     probe: Option<As<dyn ConnectionSettings, dyn Probe>>,
     transaction: Option<As<dyn ConnectionSettings, dyn Transaction>>,
@@ -203,7 +202,7 @@ struct ConnectionEntry {
 
 impl ConnectionEntry {
     fn of<T: ConnectionSettings + DeserializeOwned + JsonSchema>(name: &'static str) -> Self {
-        Self { name, read: Kind::connection::<T>(name, None, Modes::BOTH), probe: None, transaction: None }
+        Self { read: Kind::connection::<T>(name, None, Modes::BOTH), probe: None, transaction: None }
     }
 
     fn probe(mut self, f: As<dyn ConnectionSettings, dyn Probe>) -> Self {
@@ -222,7 +221,6 @@ impl ConnectionEntry {
 }
 
 struct SourceEntry {
-    name: &'static str,
     read: Kind<dyn SourceSettings>,
     batch: Option<As<dyn SourceSettings, dyn BatchSource>>,
     stream: Option<As<dyn SourceSettings, dyn OpenStream>>,
@@ -235,7 +233,7 @@ impl SourceEntry {
         connection: Option<&'static str>,
     ) -> Self {
         let read = Kind::source::<T>(name, connection, Modes { batch: false, stream: false });
-        Self { name, read, batch: None, stream: None, probe: None }
+        Self { read, batch: None, stream: None, probe: None }
     }
 
     fn batch(mut self, f: As<dyn SourceSettings, dyn BatchSource>) -> Self {
@@ -259,7 +257,6 @@ impl SourceEntry {
 }
 
 struct SinkEntry {
-    name: &'static str,
     read: Kind<dyn SinkSettings>,
     batch: Option<As<dyn SinkSettings, dyn BatchSink>>,
     stream: Option<As<dyn SinkSettings, dyn OpenStreamSink>>,
@@ -272,7 +269,7 @@ impl SinkEntry {
         connection: Option<&'static str>,
     ) -> Self {
         let read = Kind::sink::<T>(name, connection, Modes { batch: false, stream: false });
-        Self { name, read, batch: None, stream: None, probe: None }
+        Self { read, batch: None, stream: None, probe: None }
     }
 
     fn batch(mut self, f: As<dyn SinkSettings, dyn BatchSink>) -> Self {

@@ -22,12 +22,12 @@ pub(crate) fn nodes(p: &mut Problems) {
     let pl = &p.spec.pipeline;
     for (name, c) in &pl.connections {
         let at = p.spec.connection_pos.get(name).copied().unwrap_or(Pos::new(1, 1));
-        let mut cx = Context::new(p.spec, name, format!("connection '{name}'"), at);
+        let mut cx = Context::new(p.spec, format!("connection '{name}'"), at);
         c.settings.check(&mut cx);
         p.report(cx);
     }
     for (id, s) in &pl.sources {
-        let mut cx = Context::new(p.spec, id, format!("source '{id}'"), p.id_pos(id));
+        let mut cx = Context::new(p.spec, format!("source '{id}'"), p.id_pos(id));
         s.settings.check(&mut cx);
         p.report(cx);
         for (i, c) in s.checks().iter().enumerate() {
@@ -40,7 +40,7 @@ pub(crate) fn nodes(p: &mut Problems) {
         }
     }
     for (id, s) in &pl.sinks {
-        let mut cx = Context::new(p.spec, id, format!("sink '{id}'"), p.id_pos(id));
+        let mut cx = Context::new(p.spec, format!("sink '{id}'"), p.id_pos(id));
         s.settings.check(&mut cx);
         p.report(cx);
     }
@@ -58,7 +58,7 @@ pub(crate) fn nodes(p: &mut Problems) {
 
 /// Checks that `name` is a connection of type `want`.
 fn connection_of(p: &mut Problems, what: &str, name: &Sp<String>, want: &str) {
-    let mut cx = Context::new(p.spec, what, what.to_string(), name.pos());
+    let mut cx = Context::new(p.spec, what.to_string(), name.pos());
     cx.connection_of(what, name, want);
     p.report(cx);
 }

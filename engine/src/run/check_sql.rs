@@ -30,8 +30,8 @@ pub fn literal(v: &Data) -> String {
         serde_json::Value::Null => "NULL".to_string(),
         serde_json::Value::Bool(b) => b.to_string(),
         serde_json::Value::Number(n) => n.to_string(),
-        serde_json::Value::String(s) => format!("'{}'", s.replace('\'', "''")),
-        other => format!("'{}'", other.to_string().replace('\'', "''")),
+        serde_json::Value::String(s) => crate::spec::sql::literal(s),
+        other => crate::spec::sql::literal(&other.to_string()),
     }
 }
 

@@ -79,16 +79,7 @@ pub struct Modes {
 }
 
 impl Modes {
-    pub const BATCH: Modes = Modes { batch: true, stream: false };
-    pub const STREAM: Modes = Modes { batch: false, stream: true };
     pub const BOTH: Modes = Modes { batch: true, stream: true };
-
-    pub fn allows(self, mode: Mode) -> bool {
-        match mode {
-            Mode::Batch => self.batch,
-            Mode::Stream => self.stream,
-        }
-    }
 }
 
 /// Reads a node's settings (the YAML without `type` and `checks`).
@@ -167,8 +158,6 @@ impl Catalog {
 /// What a connector's checks see, and where they put what they find.
 pub struct Context<'a> {
     pub spec: &'a Spec,
-    /// The node id (or connection name) being checked.
-    pub id: &'a str,
     /// `source 'x'`, `sink 'y'`, `connection 'z'`: how messages name it.
     pub what: String,
     /// Where it was declared; messages without a better place point here.
@@ -177,8 +166,8 @@ pub struct Context<'a> {
 }
 
 impl<'a> Context<'a> {
-    pub fn new(spec: &'a Spec, id: &'a str, what: String, at: Pos) -> Self {
-        Self { spec, id, what, at, errors: vec![] }
+    pub fn new(spec: &'a Spec, what: String, at: Pos) -> Self {
+        Self { spec, what, at, errors: vec![] }
     }
 
     pub fn mode(&self) -> Mode {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::connectors::{registry, Node, StreamArgs};
+use crate::connectors::{registry, Node, StreamArgs, StreamSource};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 use commit::{Commit, Committer};
@@ -141,20 +141,17 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
     // Drain what the source still hands over after the stop (never
     // acknowledged: it is delivered again) until it ends, for its outcome.
     if failure.is_none() {
-        loop {
-            match reader.next().await {
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
+        failure = drain(reader.as_mut()).await.err();
     }
     drop(reader);
     match failure {
         Some(e) => Err(e),
         None => Ok(summary),
     }
+}
+
+/// Reads a stopped source to its end, dropping what it hands over.
+async fn drain(reader: &mut dyn StreamSource) -> Result<()> {
+    while reader.next().await?.is_some() {}
+    Ok(())
 }

@@ -64,6 +64,13 @@ pub struct HttpSink {
 
 crate::spec::connector::settings!(HttpSink);
 
+/// The endpoint as messages and graphs show it: its host only, since a
+/// webhook's path often carries its secret (`/hooks/T0/B0/secret`).
+pub fn host(url: &str) -> String {
+    let url = crate::spec::redact::redact_url(url);
+    url.split("://").nth(1).and_then(|r| r.split('/').next()).unwrap_or(&url).to_string()
+}
+
 impl SinkSettings for HttpSink {
     fn input(&self) -> &Sp<String> {
         &self.input
@@ -74,9 +81,7 @@ impl SinkSettings for HttpSink {
     }
 
     fn detail(&self) -> String {
-        let url = crate::spec::redact::redact_url(self.url.value());
-        // The path may carry a token (`/hooks/T0/B0/secret`): show the host only.
-        let host = url.split("://").nth(1).and_then(|r| r.split('/').next()).unwrap_or(&url);
+        let host = host(self.url.value());
         let method = match self.method {
             Method::Post => "POST",
             Method::Put => "PUT",

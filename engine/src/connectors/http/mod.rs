@@ -120,9 +120,7 @@ impl Endpoint {
 
     /// An error naming the endpoint by its host, never its path or password.
     fn away(&self, message: String) -> Error {
-        let url = redact_url(&self.url);
-        let host = url.split("://").nth(1).and_then(|r| r.split('/').next()).unwrap_or("").to_string();
-        Error::External { system: format!("sink '{}' (http {host})", self.id), message }
+        Error::External { system: format!("sink '{}' (http {})", self.id, config::host(&self.url)), message }
     }
 
     /// Keeps a refused request's rows with the endpoint's answer.

@@ -130,31 +130,17 @@ impl Transaction for PostgresConnection {
         watermarks: &[Watermark],
     ) -> Result<Vec<u64>> {
         let mut members = Vec::with_capacity(loads.len());
-        for load in loads {
+        for Load { id, input } in loads {
             let sink = spec
                 .pipeline
                 .sinks
-                .get(&load.id)
+                .get(&id)
                 .and_then(|s| s.settings::<PostgresSink>())
-                .ok_or_else(|| Error::Internal(format!("sink '{}' is not a postgres sink", load.id)))?;
-            members.push((load, sink));
+                .ok_or_else(|| Error::Internal(format!("sink '{id}' is not a postgres sink")))?;
+            members.push(sink::Load { id, sink, input });
         }
-        let loads = members.iter_mut().map(|(l, sink)| sink::Load {
-            id: &l.id,
-            sink,
-            input: std::mem::replace(&mut l.input, empty_stream()),
-        });
-        sink::load_all(name, &self.url, loads.collect(), watermarks).await
+        sink::load_all(name, &self.url, members, watermarks).await
     }
-}
-
-/// A stand-in for an input already handed over.
-fn empty_stream() -> SendableRecordBatchStream {
-    let schema = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::empty());
-    Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
-        schema,
-        futures::stream::empty(),
-    ))
 }
 
 #[async_trait::async_trait]
@@ -165,7 +151,7 @@ impl BatchSink for PostgresSink {
 
     async fn write(&self, node: Node<'_>, input: SendableRecordBatchStream) -> Result<u64> {
         let (name, c) = node.connection::<PostgresConnection>(&self.connection)?;
-        let load = sink::Load { id: node.id, sink: self, input };
+        let load = sink::Load { id: node.id.to_string(), sink: self, input };
         Ok(sink::load_all(name, &c.url, vec![load], &[]).await?.iter().sum())
     }
 }

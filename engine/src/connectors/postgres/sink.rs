@@ -30,7 +30,7 @@ use crate::spec::sql::qualified;
 
 /// One sink's work in a connection's transaction.
 pub struct Load<'a> {
-    pub id: &'a str,
+    pub id: String,
     pub sink: &'a PostgresSink,
     pub input: SendableRecordBatchStream,
 }
@@ -54,7 +54,7 @@ pub async fn load_all(
     let mut done = Vec::new();
     let mut prepared = Vec::new();
     for load in loads {
-        let target = prepare(&mut tx, load.id, load.sink, &load.input.schema()).await?;
+        let target = prepare(&mut tx, &load.id, load.sink, &load.input.schema()).await?;
         prepared.push((load, target));
     }
     if !replace.is_empty() {
@@ -66,7 +66,7 @@ pub async fn load_all(
             Error::External { message, .. } => external(name, url, message),
             other => other,
         })?;
-        done.push(rows.1);
+        done.push(rows);
     }
     for w in watermarks {
         let sql = format!(
@@ -254,7 +254,7 @@ pub fn create_sql(table: &str, schema: &SchemaRef) -> std::result::Result<String
     Ok(format!("CREATE TABLE IF NOT EXISTS {} ({})", qualified(table), cols?.join(", ")))
 }
 
-async fn write(conn: &mut PgConnection, mut load: Load<'_>, target: &Target) -> Result<(String, u64)> {
+async fn write(conn: &mut PgConnection, mut load: Load<'_>, target: &Target) -> Result<u64> {
     let sink = load.sink;
     let table = qualified(&sink.table);
     let cols = target.columns.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ");
@@ -288,7 +288,7 @@ async fn write(conn: &mut PgConnection, mut load: Load<'_>, target: &Target) -> 
         sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(ext)?;
         "engine_stage".to_string()
     };
-    let rows = copy_in(conn, &into, &cols, &mut load.input, target, load.id).await?;
+    let rows = copy_in(conn, &into, &cols, &mut load.input, target, &load.id).await?;
     for create in &rebuild.creates {
         sqlx::query(sqlx::AssertSqlSafe(create.clone())).execute(&mut *conn).await.map_err(ext)?;
     }
@@ -301,7 +301,7 @@ async fn write(conn: &mut PgConnection, mut load: Load<'_>, target: &Target) -> 
         sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(ext)?;
         sqlx::query("DROP TABLE engine_stage").execute(&mut *conn).await.map_err(ext)?;
     }
-    Ok((load.id.to_string(), rows))
+    Ok(rows)
 }
 
 /// `ON CONFLICT (key) DO UPDATE` of the non-key columns, touching only rows
