@@ -13,8 +13,9 @@
 //!   [`Token`] that the source's [`Acker`] acknowledges once every sink has
 //!   committed the batch.
 //! - [`BatchSink`]: a sink of `engine run`; sinks on a connection whose
-//!   system has transactions ([`Transaction`]) load together in one, with the
-//!   run's watermarks.
+//!   system has transactions ([`Transaction`]) load together in one, with
+//!   what the run records on that connection ([`Ledger`]: watermarks,
+//!   quarantined rows, the run's history row).
 //! - [`StreamSink`]: a sink of `engine stream`, one micro-batch at a time.
 //! - [`Probe`]: what `engine validate --connect` checks.
 
@@ -169,6 +170,39 @@ pub struct Watermark {
     pub value: String,
 }
 
+/// Rows one check moved out of the flow, for the quarantine table.
+pub struct Rejects {
+    pub table: String,
+    pub run_id: String,
+    pub node: String,
+    pub check: String,
+    pub reason: String,
+    pub rows: Vec<serde_json::Value>,
+}
+
+/// How a run ended, for its row in the run history.
+pub struct RunRecord {
+    pub table: String,
+    pub run_id: String,
+    /// `success`, `check_failed` or `failed`.
+    pub status: &'static str,
+    pub exit_code: i32,
+    /// Per node: role, rows in, rows out, quarantined.
+    pub nodes: serde_json::Value,
+    /// The checks that failed, with their samples.
+    pub failed_checks: serde_json::Value,
+    pub error: Option<String>,
+}
+
+/// What a run records on a connection, committed in the same transaction as
+/// that connection's loads.
+#[derive(Default)]
+pub struct Ledger {
+    pub watermarks: Vec<Watermark>,
+    pub rejects: Vec<Rejects>,
+    pub run: Option<RunRecord>,
+}
+
 /// A sink of a batch run.
 #[async_trait::async_trait]
 pub trait BatchSink: Send + Sync {
@@ -182,19 +216,13 @@ pub trait BatchSink: Send + Sync {
     async fn write(&self, node: Node<'_>, input: SendableRecordBatchStream) -> Result<u64>;
 }
 
-/// A connection whose system commits several sinks' loads and the run's
-/// watermarks in one transaction.
+/// A connection whose system commits several sinks' loads and what the run
+/// records there in one transaction.
 #[async_trait::async_trait]
 pub trait Transaction: Send + Sync {
     /// Loads every sink of `loads` (sinks of this connection, in order) and
-    /// stores `watermarks`, all or nothing; returns the rows per sink.
-    async fn load(
-        &self,
-        spec: &Spec,
-        name: &str,
-        loads: Vec<Load>,
-        watermarks: &[Watermark],
-    ) -> Result<Vec<u64>>;
+    /// writes `ledger`, all or nothing; returns the rows per sink.
+    async fn load(&self, spec: &Spec, name: &str, loads: Vec<Load>, ledger: &Ledger) -> Result<Vec<u64>>;
 }
 
 /// A sink of a stream: each micro-batch is written and committed before the

@@ -160,7 +160,7 @@ fn check(p: &mut Problems, id: &str, index: usize, c: &Check) {
         if p.spec.pipeline.quarantine.is_none() {
             p.error(at, format!("{what}: 'on_fail: quarantine' needs a 'quarantine:' section"));
         }
-        if matches!(c, Check::RowCount(_) | Check::Freshness(_)) {
+        if matches!(c, Check::RowCount(_) | Check::Freshness(_) | Check::Volume(_)) {
             p.error(
                 at,
                 format!("{what}: a '{}' check is about the whole table and cannot quarantine rows", c.kind()),
@@ -182,6 +182,13 @@ fn check(p: &mut Problems, id: &str, index: usize, c: &Check) {
         Check::RowCount(RowCountCheck { min: Some(a), max: Some(b), .. }) if a > b => {
             p.error(at, format!("{what}: 'min' {a} is above 'max' {b}"))
         }
+        Check::Volume(x) if x.max_drop.is_none() && x.max_growth.is_none() => {
+            p.error(at, format!("{what}: give 'max_drop', 'max_growth' or both"))
+        }
+        Check::Volume(_) if p.spec.pipeline.state.is_none() => p.error(
+            at,
+            format!("{what}: a volume check compares with the run history, which needs a 'state:' section"),
+        ),
         Check::AcceptedValues(x) if x.values.is_empty() => p.error(at, format!("{what}: 'values' is empty")),
         Check::Expression(x) => {
             if let Err(e) = sql::parse_expr(x.sql.value()) {

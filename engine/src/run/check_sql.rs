@@ -22,6 +22,8 @@ pub enum CheckSql {
     RowCount { min: Option<u64>, max: Option<u64> },
     /// The newest value of a column must be at most `max_age_secs` old.
     Freshness { column: String, max_age_secs: u64 },
+    /// The row count against the last successful run's, in percent.
+    Volume { max_drop: Option<f64>, max_growth: Option<f64> },
 }
 
 /// A YAML value as a SQL literal.
@@ -92,6 +94,10 @@ pub fn compile(check: &Check) -> CheckSql {
             }
         }
         Check::RowCount(c) => CheckSql::RowCount { min: c.min, max: c.max },
+        Check::Volume(c) => CheckSql::Volume {
+            max_drop: c.max_drop.as_ref().map(|p| p.get()),
+            max_growth: c.max_growth.as_ref().map(|p| p.get()),
+        },
         Check::Freshness(c) => {
             CheckSql::Freshness { column: c.column.clone(), max_age_secs: c.max_age.get().as_secs() }
         }

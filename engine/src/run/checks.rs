@@ -11,7 +11,6 @@ use super::check_sql::{self as sql_of, CheckSql};
 use super::report::CheckOutcome;
 use super::Executor;
 use crate::connectors::codec::json_values;
-use crate::connectors::postgres;
 use crate::error::{Error, Result};
 use crate::spec::model::{Check, OnFail, Severity};
 use crate::spec::sql::df_error;
@@ -32,15 +31,17 @@ impl Executor<'_> {
         match sql_of::compile(check) {
             CheckSql::Rows { predicate, reason } => {
                 let failing = format!("SELECT * FROM {table} WHERE {predicate}");
-                let count =
-                    scalar_u64(&self.query(&what, &format!("SELECT count(*) FROM ({failing})")).await?);
+                let count = scalar_u64(
+                    &what,
+                    &self.query(&what, &format!("SELECT count(*) FROM ({failing})")).await?,
+                )?;
                 self.row_check(id, index, check, rows, &predicate, reason, count, &mut outcome).await?;
             }
             CheckSql::Unique { key, not_null, reason } => {
                 let dups = self
                     .query(&what, &format!("SELECT {key} AS k, count(*) AS n FROM {table} WHERE {not_null} GROUP BY {key} HAVING count(*) > 1"))
                     .await?;
-                let count = sum_column(&dups, 1);
+                let count = sum_column(&what, &dups, 1)?;
                 if count == 0 {
                     outcome.message = "ok".into();
                 } else {
@@ -61,16 +62,22 @@ impl Executor<'_> {
                 }
             }
             CheckSql::RowCount { min, max } => {
-                let n = scalar_u64(&self.query(&what, &format!("SELECT count(*) FROM {table}")).await?);
+                let n =
+                    scalar_u64(&what, &self.query(&what, &format!("SELECT count(*) FROM {table}")).await?)?;
                 outcome.passed = min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m);
                 outcome.message = format!("{n} rows");
+            }
+            CheckSql::Volume { max_drop, max_growth } => {
+                let (passed, message) = self.volume(id, rows, max_drop, max_growth).await?;
+                outcome.passed = passed;
+                outcome.message = message;
             }
             CheckSql::Freshness { column, max_age_secs } => {
                 let sql = format!(
                     "SELECT CAST(date_part('epoch', now()) - date_part('epoch', max({})) AS BIGINT) FROM {table}",
                     crate::spec::sql::ident(&column)
                 );
-                let age = scalar_i64(&self.query(&what, &sql).await?);
+                let age = scalar_i64(&what, &self.query(&what, &sql).await?)?;
                 outcome.passed = age.is_some_and(|a| a as u64 <= max_age_secs);
                 outcome.message = match age {
                     Some(a) => format!("newest {column} is {a}s old (max {max_age_secs}s)"),
@@ -123,7 +130,9 @@ impl Executor<'_> {
         Ok(())
     }
 
-    /// Moves failing rows into the quarantine table (not in a dry run).
+    /// Keeps failing rows for the quarantine table, which takes them in the
+    /// transaction of its connection's loads (never in a dry run, nor when a
+    /// check fails and nothing is written).
     async fn quarantine_rows(
         &mut self,
         id: &str,
@@ -131,64 +140,92 @@ impl Executor<'_> {
         reason: &str,
         mut rows: SendableRecordBatchStream,
     ) -> Result<()> {
-        if self.opts.dry_run {
-            return Ok(());
-        }
         let Some(q) = &self.plan.spec.pipeline.quarantine else {
             return Err(Error::Internal("a quarantine check without a quarantine table".into()));
         };
-        let name = q.connection.value();
-        let Some(conn) = self.plan.spec.pipeline.connections.get(name) else {
-            return Err(Error::Internal(format!("quarantine connection '{name}' is missing")));
-        };
-        let url = conn.url().to_string();
-        if self.quarantine.is_none() {
-            self.quarantine = Some(postgres::connect(name, &url).await?);
-        }
-        let run_id = self.report.run_id.clone();
-        let table = q.table.clone();
+        let mut kept = Vec::new();
         while let Some(batch) = rows.next().await {
             let batch = batch.map_err(|e| df_error("quarantine", e))?;
-            let rejects: Vec<postgres::Reject> = json_values(&[batch])
-                .map_err(|e| Error::Internal(format!("quarantine of '{id}': {e}")))?
-                .into_iter()
-                .map(|row| postgres::Reject { reason: reason.to_string(), row })
-                .collect();
-            let conn =
-                self.quarantine.as_mut().ok_or_else(|| Error::Internal("quarantine connection".into()))?;
-            postgres::write_rejects(conn, &table, &run_id, id, check, &rejects)
-                .await
-                .map_err(|e| postgres::external(name, &url, e))?;
+            kept.extend(
+                json_values(&[batch]).map_err(|e| Error::Internal(format!("quarantine of '{id}': {e}")))?,
+            );
         }
+        self.rejects.push(crate::connectors::Rejects {
+            table: q.table.clone(),
+            run_id: self.report.run_id.clone(),
+            node: id.to_string(),
+            check: check.to_string(),
+            reason: reason.to_string(),
+            rows: kept,
+        });
         Ok(())
     }
 }
 
-fn scalar_u64(batches: &[RecordBatch]) -> u64 {
-    scalar_i64(batches).unwrap_or(0).max(0) as u64
+/// The count a check query returned; a query that returned none, or
+/// something that is not a count, is an error (never a count of 0, which
+/// would pass the check).
+fn scalar_u64(what: &str, batches: &[RecordBatch]) -> Result<u64> {
+    scalar_i64(what, batches)?
+        .and_then(|n| u64::try_from(n).ok())
+        .ok_or_else(|| Error::Internal(format!("{what}: the count query returned no count")))
 }
 
 /// The sum of an integer column over batches.
-fn sum_column(batches: &[RecordBatch], col: usize) -> u64 {
-    use datafusion::arrow::array::{Array, Int64Array};
-    batches
-        .iter()
-        .filter_map(|b| {
-            datafusion::arrow::compute::cast(b.column(col), &datafusion::arrow::datatypes::DataType::Int64)
-                .ok()
-        })
-        .map(|a| {
-            a.as_any().downcast_ref::<Int64Array>().map(|a| a.iter().flatten().sum::<i64>()).unwrap_or(0)
-        })
-        .sum::<i64>()
-        .max(0) as u64
+fn sum_column(what: &str, batches: &[RecordBatch], col: usize) -> Result<u64> {
+    use datafusion::arrow::array::Array;
+    let mut sum = 0u64;
+    for b in batches {
+        let a = int64s(what, b, col)?;
+        sum += a.iter().map(|v| v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0)).sum::<u64>();
+        if a.null_count() > 0 {
+            return Err(Error::Internal(format!("{what}: a count is NULL")));
+        }
+    }
+    Ok(sum)
 }
 
-fn scalar_i64(batches: &[RecordBatch]) -> Option<i64> {
-    use datafusion::arrow::array::{Array, Int64Array};
-    let b = batches.iter().find(|b| b.num_rows() > 0)?;
-    let col =
-        datafusion::arrow::compute::cast(b.column(0), &datafusion::arrow::datatypes::DataType::Int64).ok()?;
-    let a = col.as_any().downcast_ref::<Int64Array>()?;
-    (!a.is_null(0)).then(|| a.value(0))
+/// The first value of the first column, `None` when it is NULL.
+fn scalar_i64(what: &str, batches: &[RecordBatch]) -> Result<Option<i64>> {
+    use datafusion::arrow::array::Array;
+    let Some(b) = batches.iter().find(|b| b.num_rows() > 0) else {
+        return Err(Error::Internal(format!("{what}: the query returned no row")));
+    };
+    let a = int64s(what, b, 0)?;
+    Ok((!a.is_null(0)).then(|| a.value(0)))
+}
+
+/// A column as 64-bit integers; a value that does not convert is an error.
+fn int64s(what: &str, b: &RecordBatch, col: usize) -> Result<datafusion::arrow::array::Int64Array> {
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::compute::{cast_with_options, CastOptions};
+    use datafusion::arrow::datatypes::{DataType, Int64Type};
+    let column = b.columns().get(col).ok_or_else(|| Error::Internal(format!("{what}: no column {col}")))?;
+    let opts = CastOptions { safe: false, ..Default::default() };
+    let cast = cast_with_options(column, &DataType::Int64, &opts)
+        .map_err(|e| Error::Internal(format!("{what}: {} is not a count: {e}", column.data_type())))?;
+    Ok(cast.as_primitive::<Int64Type>().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use std::sync::Arc;
+
+    fn one(col: datafusion::arrow::array::ArrayRef) -> Vec<RecordBatch> {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", col.data_type().clone(), true)]));
+        vec![RecordBatch::try_new(schema, vec![col]).expect("batch")]
+    }
+
+    #[test]
+    fn counts_that_are_not_counts_are_errors_not_zero() {
+        assert_eq!(scalar_u64("c", &one(Arc::new(Int64Array::from(vec![7])))).ok(), Some(7));
+        assert!(scalar_u64("c", &one(Arc::new(StringArray::from(vec!["seven"])))).is_err());
+        assert!(scalar_u64("c", &one(Arc::new(Int64Array::from(vec![None::<i64>])))).is_err());
+        assert!(scalar_u64("c", &[]).is_err());
+        assert!(sum_column("c", &one(Arc::new(StringArray::from(vec!["2", "x"]))), 0).is_err());
+        assert_eq!(sum_column("c", &one(Arc::new(Int64Array::from(vec![2, 3]))), 0).ok(), Some(5));
+    }
 }

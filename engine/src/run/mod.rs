@@ -7,9 +7,15 @@
 //! before any sink writes; `on_fail: quarantine` splits a node's file into
 //! passing and quarantined rows. A failing check of severity `error` ends the
 //! run with status 1 and nothing written.
+//!
+//! The writes then go in an order that cannot lose rows (`sinks`): sinks
+//! that load alone, then each connection's transaction, the state's
+//! connection last, where the watermarks, the quarantined rows kept there
+//! and the run's own history row commit with its loads (`history`).
 
 mod check_sql;
 mod checks;
+mod history;
 mod ipc;
 pub mod report;
 mod sinks;
@@ -61,14 +67,26 @@ pub async fn run(plan: &Plan, opts: &RunOptions) -> (RunReport, Result<()>) {
         Err(e) => return (RunReport::new(&plan.spec.pipeline.name), Err(e)),
     };
     let started = Instant::now();
-    let outcome = ex.run_nodes().await;
-    let mut report = ex.report;
-    report.seconds = started.elapsed().as_secs_f64();
-    if let Err(e) = &outcome {
-        report.status = Status::Failed;
-        report.error = Some(plan.spec.secrets.scrub(&e.to_string()));
+    let mut outcome = ex.start_history().await;
+    if outcome.is_ok() {
+        outcome = ex.run_nodes().await;
     }
-    (report, outcome)
+    ex.report.seconds = started.elapsed().as_secs_f64();
+    if let Err(e) = &outcome {
+        ex.report.status = Status::Failed;
+        ex.report.error = Some(plan.spec.secrets.scrub(&e.to_string()));
+    }
+    // A run that did not commit its success records how it ended.
+    if let Err(e) = ex.end_history(outcome.as_ref().err()).await {
+        if outcome.is_ok() {
+            ex.report.status = Status::Failed;
+            ex.report.error = Some(plan.spec.secrets.scrub(&e.to_string()));
+            outcome = Err(e);
+        } else {
+            tracing::warn!("the run history could not record this failed run: {e}");
+        }
+    }
+    (ex.report, outcome)
 }
 
 /// Runs the plan as `engine test` does (see [`RunOptions::given`]) and
@@ -107,10 +125,12 @@ struct Executor<'a> {
     dir: tempfile::TempDir,
     selected: HashSet<String>,
     report: RunReport,
-    /// The quarantine table's connection, once a check has needed it.
-    quarantine: Option<sqlx::PgConnection>,
+    /// Rows quarantined by checks, written with the loads.
+    rejects: Vec<crate::connectors::Rejects>,
     /// New watermarks of incremental sources, stored with the sinks.
     watermarks: Vec<(String, String)>,
+    /// The run history, once this run is recorded in it.
+    history: Option<history::History>,
 }
 
 impl<'a> Executor<'a> {
@@ -128,8 +148,9 @@ impl<'a> Executor<'a> {
             dir,
             selected,
             report,
-            quarantine: None,
+            rejects: vec![],
             watermarks: vec![],
+            history: None,
         })
     }
 

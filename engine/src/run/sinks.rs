@@ -1,7 +1,16 @@
-//! The sinks of a batch run, once every check passed. Sinks that share a
-//! transaction (all postgres sinks of one connection) load together in it,
-//! with the run's watermarks when the state is kept on that connection, in
-//! the order they are declared; the others load one by one.
+//! The sinks of a batch run, once every check passed, in an order that
+//! cannot lose rows:
+//!
+//! 1. sinks that load alone (files, MongoDB, HTTP), each on its own;
+//! 2. each connection with transactions: its sinks in one transaction, in
+//!    the order they are declared, with the quarantined rows when the
+//!    quarantine table is there;
+//! 3. the state's connection last: its sinks, the watermarks and the run's
+//!    history row in one transaction.
+//!
+//! So a watermark moves only once every sink its rows feed has committed; a
+//! failure before that leaves the rows for the next run (an upsert takes
+//! them again without doubling them).
 
 use std::time::Instant;
 
@@ -9,7 +18,7 @@ use datafusion::execution::SendableRecordBatchStream;
 
 use super::report::NodeReport;
 use super::Executor;
-use crate::connectors::{self, registry, Node};
+use crate::connectors::{self, registry, Ledger, Node};
 use crate::error::{Error, Result};
 use crate::spec::sql::ident;
 
@@ -19,14 +28,10 @@ impl Executor<'_> {
         self.stream(&format!("sink '{id}'"), &format!("SELECT * FROM {}", ident(node))).await
     }
 
-    /// Writes every selected sink. Sinks that share a transaction (all
-    /// postgres sinks of one connection) load together in it, with the run's
-    /// watermarks when the state is kept on that connection; the others load
-    /// one by one.
+    /// Writes every selected sink, in the order above.
     pub(super) async fn write_sinks(&mut self) -> Result<()> {
-        let pipeline = &self.plan.spec.pipeline;
-        // Declaration order: on one connection, sinks load in the order they
-        // are written, so a table is loaded before the tables referencing it.
+        let plan = self.plan;
+        let pipeline = &plan.spec.pipeline;
         let mut groups: indexmap::IndexMap<String, Vec<&String>> = indexmap::IndexMap::new();
         let mut alone = Vec::new();
         for (id, sink) in pipeline.sinks.iter().filter(|(id, _)| self.selected.contains(*id)) {
@@ -42,11 +47,31 @@ impl Executor<'_> {
             }
         }
         let state_conn = pipeline.state.as_ref().map(|s| s.connection.value().clone());
-        if let Some(sc) = &state_conn {
-            if !self.watermarks.is_empty() && !groups.contains_key(sc) {
-                groups.insert(sc.clone(), vec![]);
+        let quarantine_conn = pipeline.quarantine.as_ref().map(|q| q.connection.value().clone());
+        if let Some(q) = &quarantine_conn {
+            if !self.rejects.is_empty() {
+                groups.entry(q.clone()).or_default();
             }
         }
+        if let Some(sc) = &state_conn {
+            let members = groups.shift_remove(sc).unwrap_or_default();
+            if !members.is_empty() || !self.watermarks.is_empty() || self.history.is_some() {
+                groups.insert(sc.clone(), members);
+            }
+        }
+
+        for (id, writer) in alone {
+            let started = Instant::now();
+            let input = pipeline.sinks[id].input().value();
+            let stream = self.output(id, input).await?;
+            let rows = if self.opts.dry_run {
+                0
+            } else {
+                writer.write(Node { spec: &plan.spec, id }, stream).await?
+            };
+            self.sink_report(id, input, rows, started.elapsed().as_secs_f64());
+        }
+
         for (name, members) in groups {
             let started = Instant::now();
             let Some(conn) = pipeline.connections.get(&name) else {
@@ -60,14 +85,30 @@ impl Executor<'_> {
                 let input = pipeline.sinks[*id].input().value();
                 loads.push(connectors::Load { id: id.to_string(), input: self.output(id, input).await? });
             }
-            let marks =
-                if state_conn.as_deref() == Some(name.as_str()) { self.watermark_rows() } else { vec![] };
+            let mut ledger = Ledger::default();
+            if quarantine_conn.as_deref() == Some(name.as_str()) {
+                ledger.rejects = std::mem::take(&mut self.rejects);
+            }
+            let is_state = state_conn.as_deref() == Some(name.as_str());
+            if is_state {
+                ledger.watermarks = self.watermark_rows();
+                // This transaction loads every row of its sinks' inputs.
+                let loaded: Vec<(String, u64)> = members
+                    .iter()
+                    .map(|id| (id.to_string(), self.rows_of(pipeline.sinks[*id].input().value())))
+                    .collect();
+                ledger.run = self.success_record(&loaded)?;
+            }
             let bar = self.progress(&format!("loading {} sinks into '{name}'", members.len()));
             let written = if self.opts.dry_run {
                 vec![0; members.len()]
             } else {
-                tx.load(&self.plan.spec, &name, loads, &marks).await?
+                tx.load(&plan.spec, &name, loads, &ledger).await?
             };
+            if ledger.run.is_some() {
+                // The run's success committed with the loads.
+                self.history = None;
+            }
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
@@ -76,18 +117,12 @@ impl Executor<'_> {
                 self.sink_report(id, pipeline.sinks[*id].input().value(), rows, seconds);
             }
         }
-        for (id, writer) in alone {
-            let started = Instant::now();
-            let input = pipeline.sinks[id].input().value();
-            let stream = self.output(id, input).await?;
-            let rows = if self.opts.dry_run {
-                0
-            } else {
-                writer.write(Node { spec: &self.plan.spec, id }, stream).await?
-            };
-            self.sink_report(id, input, rows, started.elapsed().as_secs_f64());
-        }
         Ok(())
+    }
+
+    /// The rows a node passed on.
+    fn rows_of(&self, node: &str) -> u64 {
+        self.report.nodes.iter().find(|n| n.node == node).map(|n| n.rows_out).unwrap_or(0)
     }
 
     fn sink_report(&mut self, id: &str, input: &str, rows: u64, seconds: f64) {

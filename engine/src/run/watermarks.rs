@@ -1,7 +1,9 @@
 //! Watermarks of incremental sources: read from the state table before a
 //! source opens, taken as the maximum of the cursor column of what it read,
 //! and written in the same transaction as the loads on the state's
-//! connection (see `sinks`).
+//! connection, which commits after every other sink (see `sinks`). A
+//! source some of whose sinks this run does not write (`--select`) keeps
+//! its watermark.
 
 use datafusion::arrow::record_batch::RecordBatch;
 
@@ -65,6 +67,16 @@ impl Executor<'_> {
         let Some(state) = &self.plan.spec.pipeline.state else { return vec![] };
         self.watermarks
             .iter()
+            .filter(|(node, _)| {
+                let skipped = self.unwritten_sinks(node);
+                if !skipped.is_empty() {
+                    tracing::info!(
+                        "source '{node}' keeps its watermark: this run does not write {}",
+                        skipped.join(", ")
+                    );
+                }
+                skipped.is_empty()
+            })
             .map(|(node, value)| connectors::Watermark {
                 table: state.table.clone(),
                 pipeline: self.plan.spec.pipeline.name.clone(),
@@ -72,6 +84,21 @@ impl Executor<'_> {
                 value: value.clone(),
             })
             .collect()
+    }
+
+    /// The sinks downstream of `node` that this run does not write.
+    fn unwritten_sinks(&self, node: &str) -> Vec<String> {
+        let plan = self.plan;
+        let Some(&start) = plan.nodes.get(node) else { return vec![] };
+        let mut out = Vec::new();
+        let mut dfs = petgraph::visit::Dfs::new(&plan.graph, start);
+        while let Some(n) = dfs.next(&plan.graph) {
+            let id = &plan.graph[n].id;
+            if plan.spec.pipeline.sinks.contains_key(id) && !self.selected.contains(id) && !out.contains(id) {
+                out.push(id.clone());
+            }
+        }
+        out
     }
 }
 

@@ -551,6 +551,7 @@ impl Loader {
             "row_count" => Check::RowCount(self.r.read(&body, &what)?),
             "expression" => Check::Expression(self.r.read(&body, &what)?),
             "freshness" => Check::Freshness(self.r.read(&body, &what)?),
+            "volume" => Check::Volume(self.r.read(&body, &what)?),
             _ => {
                 let hint = suggest::hint(kind, Check::KINDS.iter().copied());
                 self.r.error(

@@ -14,7 +14,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::connector::{ConnectionSettings, SinkSettings, SourceSettings};
-use super::values::{Duration, MaxFailures};
+use super::values::{Duration, MaxFailures, Percent};
 use super::yaml::{Data, Sp};
 
 /// A pipeline file.
@@ -169,9 +169,21 @@ pub struct BatchSpec {
 pub struct Incremental {
     /// The cursor column (e.g. `updated_at`).
     pub column: String,
-    /// Re-read this far behind the watermark, for late commits (`10m`).
+    /// Re-read this far behind the watermark, so a row committed late with
+    /// an older cursor value is still read (default `10m` for time columns;
+    /// `0s` turns it off).
     #[serde(default)]
     pub lookback: Option<Duration>,
+}
+
+impl Incremental {
+    /// The overlap when none is written.
+    pub const DEFAULT_LOOKBACK: std::time::Duration = std::time::Duration::from_secs(600);
+
+    /// How far behind the watermark a run reads again.
+    pub fn lookback(&self) -> std::time::Duration {
+        self.lookback.as_ref().map_or(Self::DEFAULT_LOOKBACK, Duration::get)
+    }
 }
 
 /// A column in a `schema:`: a type name, or the long form.
@@ -453,6 +465,19 @@ check_struct!(
     }
 );
 check_struct!(
+    /// The number of rows is close to the last successful run's (read from
+    /// the run history on the `state:` connection): at most `max_drop` fewer
+    /// and at most `max_growth` more.
+    VolumeCheck {
+        /// The largest accepted drop (`50%`).
+        #[serde(default)]
+        max_drop: Option<Percent>,
+        /// The largest accepted growth (`200%`).
+        #[serde(default)]
+        max_growth: Option<Percent>,
+    }
+);
+check_struct!(
     /// A SQL boolean expression holds for every row.
     ExpressionCheck {
         /// The expression, over the node's columns.
@@ -489,6 +514,7 @@ pub enum Check {
     RowCount(RowCountCheck),
     Expression(ExpressionCheck),
     Freshness(FreshnessCheck),
+    Volume(VolumeCheck),
 }
 
 impl<'de> Deserialize<'de> for Check {
@@ -509,6 +535,7 @@ impl Check {
         "row_count",
         "expression",
         "freshness",
+        "volume",
     ];
 
     /// The check's kind as written in YAML.
@@ -522,6 +549,7 @@ impl Check {
             Check::RowCount(_) => 5,
             Check::Expression(_) => 6,
             Check::Freshness(_) => 7,
+            Check::Volume(_) => 8,
         };
         Self::KINDS[i]
     }
@@ -535,7 +563,7 @@ impl Check {
             Check::Range(c) => vec![&c.column],
             Check::Relationships(c) => vec![&c.column],
             Check::Freshness(c) => vec![&c.column],
-            Check::RowCount(_) | Check::Expression(_) => vec![],
+            Check::RowCount(_) | Check::Expression(_) | Check::Volume(_) => vec![],
         }
     }
 
@@ -553,6 +581,10 @@ impl Check {
                 c.name.clone().unwrap_or_else(|| format!("expression({})", c.sql.value()))
             }
             Check::Relationships(c) => format!("relationships({} -> {})", c.column, c.to.value()),
+            Check::Volume(c) => {
+                let bound = |p: &Option<Percent>| p.as_ref().map_or("..".to_string(), |p| p.to_string());
+                format!("volume(-{}, +{})", bound(&c.max_drop), bound(&c.max_growth))
+            }
             _ => format!("{}({})", self.kind(), cols.join(", ")),
         }
     }
@@ -571,7 +603,7 @@ impl Check {
                 }
             };
         }
-        opts!(NotNull, Unique, AcceptedValues, Range, Relationships, RowCount, Expression, Freshness)
+        opts!(NotNull, Unique, AcceptedValues, Range, Relationships, RowCount, Expression, Freshness, Volume)
     }
 
     /// The name reports use: `name:`, else the kind.
@@ -647,13 +679,21 @@ pub struct Quarantine {
 pub struct StateStore {
     /// A connection of type `postgres`.
     pub connection: Sp<String>,
-    /// The table; created by the engine's migrations.
+    /// The watermarks' table; created by the engine's migrations.
     #[serde(default = "default_state_table")]
     pub table: String,
+    /// The run history: one row per `engine run`; created by the engine
+    /// when it is missing.
+    #[serde(default = "default_runs_table")]
+    pub runs: String,
 }
 
 fn default_state_table() -> String {
     "etl_state".to_string()
+}
+
+fn default_runs_table() -> String {
+    "etl_runs".to_string()
 }
 
 // ---------------------------------------------------------------------- tests

@@ -145,6 +145,37 @@ impl fmt::Display for MaxFailures {
 
 text_value!(MaxFailures, "MaxFailures", "A count of rows (`10`) or a share of them (`\"0.5%\"`).");
 
+/// A change in size as a share: `50%` (`max_growth` may pass `100%`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Percent {
+    value: f64,
+    text: String,
+}
+
+impl Percent {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        text.trim()
+            .strip_suffix('%')
+            .and_then(|p| p.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .map(|value| Self { value, text: text.to_string() })
+            .ok_or_else(|| format!("bad share '{text}'; write a percentage, e.g. 50%"))
+    }
+
+    /// The share in percent (`50%` is 50.0).
+    pub fn get(&self) -> f64 {
+        self.value
+    }
+}
+
+impl fmt::Display for Percent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+text_value!(Percent, "Percent", "A share in percent: `50%`.");
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +193,9 @@ mod tests {
         assert_eq!(MaxFailures::parse("0.5%").map(|m| m.allowed(1000)), Ok(5));
         assert!(MaxFailures::parse("lots").is_err());
         assert!(MaxFailures::parse("150%").is_err());
+        assert_eq!(Percent::parse("50%").map(|p| p.get()), Ok(50.0));
+        assert_eq!(Percent::parse("300%").map(|p| p.get()), Ok(300.0));
+        assert!(Percent::parse("50").unwrap_err().contains("bad share '50'"));
+        assert!(Percent::parse("-5%").is_err());
     }
 }

@@ -2,9 +2,11 @@
 //! user runs it, and the repository's own pipelines and examples.
 
 mod cli;
+mod commit_order;
 mod golden;
 mod http;
 mod layering;
+mod mongodb;
 mod postgres;
 mod repo;
 mod run;

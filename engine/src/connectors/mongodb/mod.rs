@@ -4,6 +4,12 @@
 //!
 //! Projection happens client-side on purpose: it keeps the source working
 //! against MongoDB-wire servers that lack server-side projection.
+//!
+//! Nothing is read as something else: a collection that does not exist is
+//! an error (the server answers it with no documents), decimals are read
+//! exactly, and a value that does not fit its column is an error naming the
+//! document and the field. `replace` writes the new documents into a staging
+//! collection and renames it over the target; an upsert refuses a NULL key.
 
 pub mod config;
 
@@ -46,6 +52,7 @@ async fn collection(
 
 /// Streams the matching documents as batches of the declared columns.
 pub async fn open(
+    id: &str,
     name: &str,
     url: &str,
     database: &str,
@@ -59,19 +66,49 @@ pub async fn open(
         None => Document::new(),
     };
     let coll = collection(name, url, database, &src.collection).await?;
+    // The server answers a missing collection with no documents, which
+    // would load as an empty source.
+    if !exists(&coll, database).await.map_err(|e| external(name, url, e))? {
+        return Err(Error::External {
+            system: format!("source '{id}'"),
+            message: format!("collection '{}' does not exist in database '{database}'", src.collection),
+        });
+    }
     let cursor = coll.find(filter).batch_size(BATCH_ROWS as u32).await.map_err(|e| external(name, url, e))?;
-    let (name, url) = (name.to_string(), url.to_string());
+    let (name, url, id) = (name.to_string(), url.to_string(), id.to_string());
     let out_schema = schema.clone();
     let stream = cursor.try_chunks(BATCH_ROWS).map(move |chunk| {
         let docs = chunk.map_err(|e| DataFusionError::External(Box::new(external(&name, &url, e.1))))?;
         to_batch(&docs, &out_schema, &paths).map_err(|e| {
             DataFusionError::External(Box::new(Error::External {
-                system: format!("mongodb collection '{}'", name),
+                system: format!("source '{id}'"),
                 message: e,
             }))
         })
     });
     Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+}
+
+/// Whether the collection exists. A server without `listCollections`
+/// (PoloDB) cannot tell a missing collection from an empty one; there a
+/// collection without documents counts as missing.
+async fn exists(coll: &mongodb::Collection<Document>, database: &str) -> mongodb::error::Result<bool> {
+    match coll.client().database(database).list_collection_names().await {
+        Ok(names) => Ok(names.iter().any(|n| n == coll.name())),
+        Err(e) => {
+            tracing::debug!("listCollections is not available ({e}); looking for a document");
+            Ok(coll.find_one(Document::new()).await?.is_some())
+        }
+    }
+}
+
+/// Empties a collection: `drop`, or where the server lacks it (PoloDB),
+/// deleting every document.
+async fn clear(coll: &mongodb::Collection<Document>) -> mongodb::error::Result<()> {
+    if coll.drop().await.is_err() {
+        coll.delete_many(Document::new()).await?;
+    }
+    Ok(())
 }
 
 /// The value at a dotted path; `None` when any step is missing.
@@ -93,39 +130,44 @@ fn to_batch(
     schema: &SchemaRef,
     paths: &[(String, bool)],
 ) -> std::result::Result<RecordBatch, String> {
+    let doc_id = |i: usize| docs[i].get("_id").map(|v| v.to_string()).unwrap_or_else(|| format!("#{i}"));
     let mut arrays: Vec<ArrayRef> = Vec::with_capacity(paths.len());
     for (field, (path, required)) in schema.fields().iter().zip(paths) {
         let values: Vec<Option<&Bson>> = docs.iter().map(|d| lookup(d, path)).collect();
         if *required {
             if let Some(i) = values.iter().position(Option::is_none) {
-                let id = docs[i].get("_id").map(|v| v.to_string()).unwrap_or_default();
                 return Err(format!(
-                    "document {id} has no '{path}', which column '{}' requires",
+                    "document {} has no '{path}', which column '{}' requires",
+                    doc_id(i),
                     field.name()
                 ));
             }
         }
-        let col = column(field.data_type(), &values)
-            .map_err(|e| format!("column '{}' (path '{path}'): {e}", field.name()))?;
+        let col = column(field.data_type(), &values).map_err(|(i, e)| {
+            format!("document {} field '{path}' (column '{}'): {e}", doc_id(i), field.name())
+        })?;
         arrays.push(col);
     }
     RecordBatch::try_new(schema.clone(), arrays).map_err(|e| e.to_string())
 }
 
-fn column(t: &DataType, values: &[Option<&Bson>]) -> std::result::Result<ArrayRef, String> {
-    let bad = |v: &Bson| format!("cannot read {v} as {t}");
+/// The values as a column of type `t`; a value that does not fit is an
+/// error with its index.
+fn column(t: &DataType, values: &[Option<&Bson>]) -> std::result::Result<ArrayRef, (usize, String)> {
+    let bad = |i: usize, v: &Bson| (i, format!("cannot read {v} as {t}"));
     Ok(match t {
         DataType::Utf8 => {
             let mut b = StringBuilder::with_capacity(values.len(), values.len() * 12);
-            for v in values {
+            for (i, v) in values.iter().enumerate() {
                 match v {
                     None => b.append_null(),
                     Some(Bson::String(s)) => b.append_value(s),
                     Some(Bson::ObjectId(o)) => b.append_value(o.to_hex()),
-                    Some(Bson::Document(_) | Bson::Array(_)) => b.append_value(
-                        serde_json::to_string(&v.map(|x| x.clone().into_relaxed_extjson()))
-                            .unwrap_or_default(),
-                    ),
+                    Some(x @ (Bson::Document(_) | Bson::Array(_))) => {
+                        let json = serde_json::to_string(&(*x).clone().into_relaxed_extjson())
+                            .map_err(|e| (i, format!("cannot write {x} as JSON text: {e}")))?;
+                        b.append_value(json)
+                    }
                     Some(other) => b.append_value(other.to_string().trim_matches('"')),
                 }
             }
@@ -133,91 +175,154 @@ fn column(t: &DataType, values: &[Option<&Bson>]) -> std::result::Result<ArrayRe
         }
         DataType::Boolean => {
             let mut b = BooleanBuilder::with_capacity(values.len());
-            for v in values {
+            for (i, v) in values.iter().enumerate() {
                 match v {
                     None => b.append_null(),
                     Some(Bson::Boolean(x)) => b.append_value(*x),
-                    Some(o) => return Err(bad(o)),
+                    Some(o) => return Err(bad(i, o)),
                 }
             }
             Arc::new(b.finish())
         }
         DataType::Int32 | DataType::Int64 => {
+            let (lo, hi) =
+                if *t == DataType::Int32 { (i32::MIN as i64, i32::MAX as i64) } else { (i64::MIN, i64::MAX) };
             let mut b = Int64Builder::with_capacity(values.len());
-            for v in values {
-                match v {
-                    None => b.append_null(),
-                    Some(Bson::Int32(x)) => b.append_value(*x as i64),
-                    Some(Bson::Int64(x)) => b.append_value(*x),
-                    Some(Bson::Double(x)) if x.fract() == 0.0 => b.append_value(*x as i64),
-                    Some(o) => return Err(bad(o)),
+            for (i, v) in values.iter().enumerate() {
+                let n = match v {
+                    None => {
+                        b.append_null();
+                        continue;
+                    }
+                    Some(Bson::Int32(x)) => *x as i64,
+                    Some(Bson::Int64(x)) => *x,
+                    // 2^63 as f64 is the first value past i64.
+                    Some(Bson::Double(x)) if x.fract() == 0.0 && x.abs() < 9.223_372_036_854_776e18 => {
+                        *x as i64
+                    }
+                    Some(o) => return Err(bad(i, o)),
+                };
+                if n < lo || n > hi {
+                    return Err((i, format!("{n} does not fit {t}")));
                 }
+                b.append_value(n);
             }
-            cast(&(Arc::new(b.finish()) as ArrayRef), t).map_err(|e| e.to_string())?
+            cast(&(Arc::new(b.finish()) as ArrayRef), t).map_err(|e| (0, e.to_string()))?
         }
-        DataType::Float64 | DataType::Decimal128(..) => {
+        DataType::Decimal128(p, s) => {
+            use datafusion::arrow::array::Decimal128Builder;
+            use datafusion::arrow::compute::kernels::cast_utils::parse_decimal;
+            use datafusion::arrow::datatypes::Decimal128Type;
+            let mut b = Decimal128Builder::with_capacity(values.len())
+                .with_precision_and_scale(*p, *s)
+                .map_err(|e| (0, e.to_string()))?;
+            for (i, v) in values.iter().enumerate() {
+                // Each value through its exact decimal text: a double as the
+                // shortest text that reads back as it (0.1, not 0.1000000000000000055).
+                let text = match v {
+                    None => {
+                        b.append_null();
+                        continue;
+                    }
+                    Some(Bson::Decimal128(d)) => d.to_string(),
+                    Some(Bson::Int32(x)) => x.to_string(),
+                    Some(Bson::Int64(x)) => x.to_string(),
+                    Some(Bson::Double(x)) if x.is_finite() => x.to_string(),
+                    Some(o) => return Err(bad(i, o)),
+                };
+                let n = parse_decimal::<Decimal128Type>(&text, *p, *s)
+                    .map_err(|e| (i, format!("{text} does not fit {t}: {e}")))?;
+                let rounded =
+                    text.split_once('.').is_some_and(|(_, f)| f.trim_end_matches('0').len() > *s as usize);
+                if rounded {
+                    return Err((i, format!("{text} has more than {s} decimal places")));
+                }
+                b.append_value(n);
+            }
+            Arc::new(b.finish())
+        }
+        DataType::Float64 => {
             let mut b = Float64Builder::with_capacity(values.len());
-            for v in values {
+            for (i, v) in values.iter().enumerate() {
                 match v {
                     None => b.append_null(),
                     Some(Bson::Double(x)) => b.append_value(*x),
                     Some(Bson::Int32(x)) => b.append_value(*x as f64),
                     Some(Bson::Int64(x)) => b.append_value(*x as f64),
-                    Some(Bson::Decimal128(d)) => {
-                        b.append_value(d.to_string().parse().map_err(|_| bad(v.unwrap_or(&Bson::Null)))?)
+                    Some(x @ Bson::Decimal128(d)) => {
+                        b.append_value(d.to_string().parse().map_err(|_| bad(i, x))?)
                     }
-                    Some(o) => return Err(bad(o)),
+                    Some(o) => return Err(bad(i, o)),
                 }
             }
-            cast(&(Arc::new(b.finish()) as ArrayRef), t).map_err(|e| e.to_string())?
+            Arc::new(b.finish())
         }
         DataType::Date32 | DataType::Timestamp(..) => {
             let mut b = TimestampMicrosecondBuilder::with_capacity(values.len()).with_timezone("UTC");
-            for v in values {
+            for (i, v) in values.iter().enumerate() {
                 match v {
                     None => b.append_null(),
                     Some(Bson::DateTime(d)) => b.append_value(d.timestamp_millis() * 1000),
-                    Some(Bson::String(s)) => {
-                        let d = bson::DateTime::parse_rfc3339_str(s)
-                            .map_err(|_| bad(v.unwrap_or(&Bson::Null)))?;
+                    Some(x @ Bson::String(s)) => {
+                        let d = bson::DateTime::parse_rfc3339_str(s).map_err(|_| bad(i, x))?;
                         b.append_value(d.timestamp_millis() * 1000)
                     }
-                    Some(o) => return Err(bad(o)),
+                    Some(o) => return Err(bad(i, o)),
                 }
             }
-            cast(&(Arc::new(b.finish()) as ArrayRef), t).map_err(|e| e.to_string())?
+            cast(&(Arc::new(b.finish()) as ArrayRef), t).map_err(|e| (0, e.to_string()))?
         }
-        other => return Err(format!("type {other} is not read from documents")),
+        other => return Err((0, format!("type {other} is not read from documents"))),
     })
 }
 
 /// Writes the input's rows as documents; NULL fields are left out, as
 /// semi-structured documents do.
 pub async fn write(
+    id: &str,
     name: &str,
     url: &str,
     database: &str,
     sink: &MongoSink,
     mut input: SendableRecordBatchStream,
 ) -> Result<u64> {
-    let coll = collection(name, url, database, &sink.collection).await?;
-    if sink.mode == WriteMode::Replace {
-        coll.delete_many(Document::new()).await.map_err(|e| external(name, url, e))?;
-    }
+    let what = format!("sink '{id}'");
+    let refuse = |e: String| Error::External { system: what.clone(), message: e };
+    let target = collection(name, url, database, &sink.collection).await?;
+    // A replace fills a staging collection first: a failure on the way
+    // leaves the target as it was.
+    let staging = format!("{}__engine_staging", sink.collection);
+    let coll = if sink.mode == WriteMode::Replace {
+        let c = collection(name, url, database, &staging).await?;
+        clear(&c).await.map_err(|e| external(name, url, e))?;
+        c
+    } else {
+        target.clone()
+    };
     let mut rows = 0u64;
     while let Some(batch) = input.next().await {
         let batch = batch.map_err(|e| external(name, url, e))?;
-        let docs =
-            documents(&batch).map_err(|e| Error::Usage(format!("sink into '{}': {e}", sink.collection)))?;
+        let docs = documents(&batch).map_err(|e| refuse(format!("collection '{}': {e}", sink.collection)))?;
+        let first = rows + 1;
         rows += docs.len() as u64;
         if docs.is_empty() {
             continue;
         }
         match (sink.mode, &sink.key) {
             (WriteMode::Upsert, Some(key)) => {
-                for d in docs {
-                    let filter: Document =
-                        key.iter().filter_map(|k| d.get(k).map(|v| (k.clone(), v.clone()))).collect();
+                for (n, d) in docs.into_iter().enumerate() {
+                    let mut filter = Document::new();
+                    for k in key {
+                        match d.get(k) {
+                            Some(v) => filter.insert(k.clone(), v.clone()),
+                            None => {
+                                return Err(refuse(format!(
+                                    "row {}: key field '{k}' is NULL; an upsert needs the whole key to find its document",
+                                    first + n as u64
+                                )))
+                            }
+                        };
+                    }
                     coll.replace_one(filter, d).upsert(true).await.map_err(|e| external(name, url, e))?;
                 }
             }
@@ -226,7 +331,53 @@ pub async fn write(
             }
         }
     }
+    if sink.mode == WriteMode::Replace {
+        swap(name, url, database, &staging, &target).await?;
+    }
     Ok(rows)
+}
+
+/// Puts the staging collection in the target's place: one `renameCollection`
+/// with `dropTarget` (atomic on MongoDB). A server without that command gets
+/// the documented fallback: the target emptied, then filled from staging,
+/// which a crash in between can leave partly filled.
+async fn swap(
+    name: &str,
+    url: &str,
+    database: &str,
+    staging: &str,
+    target: &mongodb::Collection<Document>,
+) -> Result<()> {
+    let client = target.client();
+    let rename = bson::doc! {
+        "renameCollection": format!("{database}.{staging}"),
+        "to": format!("{database}.{}", target.name()),
+        "dropTarget": true,
+    };
+    let renamed = client.database("admin").run_command(rename).await;
+    if renamed.is_ok() {
+        return Ok(());
+    }
+    tracing::debug!("renameCollection not available ({renamed:?}); replacing in place");
+    let staged = client.database(database).collection::<Document>(staging);
+    target.delete_many(Document::new()).await.map_err(|e| external(name, url, e))?;
+    let mut cursor = staged
+        .find(Document::new())
+        .batch_size(BATCH_ROWS as u32)
+        .await
+        .map_err(|e| external(name, url, e))?;
+    let mut chunk = Vec::with_capacity(BATCH_ROWS);
+    while let Some(mut doc) = cursor.try_next().await.map_err(|e| external(name, url, e))? {
+        doc.remove("_id");
+        chunk.push(doc);
+        if chunk.len() == BATCH_ROWS {
+            target.insert_many(std::mem::take(&mut chunk)).await.map_err(|e| external(name, url, e))?;
+        }
+    }
+    if !chunk.is_empty() {
+        target.insert_many(chunk).await.map_err(|e| external(name, url, e))?;
+    }
+    clear(&staged).await.map_err(|e| external(name, url, e))
 }
 
 fn documents(batch: &RecordBatch) -> std::result::Result<Vec<Document>, String> {
@@ -259,7 +410,15 @@ fn value(col: &ArrayRef, row: usize) -> std::result::Result<Option<Bson>, String
         DataType::Int64 => Bson::Int64(get!(Int64Array)),
         DataType::Float32 => Bson::Double(get!(Float32Array) as f64),
         DataType::Float64 => Bson::Double(get!(Float64Array)),
-        DataType::Decimal128(_, s) => Bson::Double(get!(Decimal128Array) as f64 / 10f64.powi(*s as i32)),
+        DataType::Decimal128(..) => {
+            // Exact: through the decimal's text, never a double.
+            let text = col
+                .as_any()
+                .downcast_ref::<Decimal128Array>()
+                .ok_or("unexpected array type")?
+                .value_as_string(row);
+            Bson::Decimal128(text.parse().map_err(|e| format!("decimal {text}: {e}"))?)
+        }
         DataType::Date32 => {
             Bson::DateTime(bson::DateTime::from_millis(get!(Date32Array) as i64 * 86_400_000))
         }
@@ -300,7 +459,7 @@ impl super::BatchSource for MongoSource {
         _watermark: Option<&str>,
     ) -> Result<SendableRecordBatchStream> {
         let (name, c) = node.connection::<MongoConnection>(&self.connection)?;
-        open(name, &c.url, &c.database, self).await
+        open(node.id, name, &c.url, &c.database, self).await
     }
 }
 
@@ -308,7 +467,7 @@ impl super::BatchSource for MongoSource {
 impl super::BatchSink for MongoSink {
     async fn write(&self, node: super::Node<'_>, input: SendableRecordBatchStream) -> Result<u64> {
         let (name, c) = node.connection::<MongoConnection>(&self.connection)?;
-        write(name, &c.url, &c.database, self, input).await
+        write(node.id, name, &c.url, &c.database, self, input).await
     }
 }
 

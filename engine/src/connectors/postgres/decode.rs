@@ -258,9 +258,20 @@ impl Decoder {
         self.rows
     }
 
-    /// Whether the end-of-data marker was seen.
-    pub fn finished(&self) -> bool {
-        self.finished
+    /// Ends the input: the rows still pending, if any. Output that stopped
+    /// short of the end-of-data marker was cut off, which is an error, never
+    /// a shorter table.
+    pub fn finish(&mut self) -> Result<Option<RecordBatch>, String> {
+        if !self.finished {
+            return Err(err(format!(
+                "the COPY output ended before its end-of-data marker ({} bytes of a row pending)",
+                self.buf.len()
+            )));
+        }
+        if self.rows == 0 {
+            return Ok(None);
+        }
+        self.flush().map(Some)
     }
 }
 
@@ -398,5 +409,33 @@ mod tests {
         // 0
         assert_eq!(numeric(&num(0, 0, 0, 2, &[]), 12, 2).unwrap(), 0);
         assert!(numeric(&num(1, 2, 0, 0, &[1]), 4, 0).is_err());
+    }
+
+    /// Binary COPY of one int8 column: the header, rows, and the trailer when `end`.
+    fn copy_bytes(values: &[i64], end: bool) -> Vec<u8> {
+        let mut v = b"PGCOPY\n\xff\r\n\0".to_vec();
+        v.extend_from_slice(&[0; 8]);
+        for x in values {
+            v.extend_from_slice(&1i16.to_be_bytes());
+            v.extend_from_slice(&8i32.to_be_bytes());
+            v.extend_from_slice(&x.to_be_bytes());
+        }
+        if end {
+            v.extend_from_slice(&(-1i16).to_be_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn output_cut_off_before_the_end_marker_is_an_error() {
+        let cols = [PgColumn { name: "id".into(), oid: 20, typmod: -1, type_name: "bigint".into() }];
+        let mut whole = Decoder::new(&cols, 100).unwrap();
+        assert!(whole.push(&copy_bytes(&[1, 2, 3], true)).unwrap().is_empty());
+        assert_eq!(whole.finish().unwrap().map(|b| b.num_rows()), Some(3));
+
+        let mut cut = Decoder::new(&cols, 100).unwrap();
+        cut.push(&copy_bytes(&[1, 2, 3], false)).unwrap();
+        let e = cut.finish().unwrap_err();
+        assert!(e.contains("ended before its end-of-data marker"), "{e}");
     }
 }

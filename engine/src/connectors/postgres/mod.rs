@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod runs;
 pub mod sink;
 pub mod source;
 
@@ -47,38 +48,27 @@ pub async fn migrate_spec(spec: &crate::spec::Spec) -> Result<()> {
     Ok(())
 }
 
-/// One quarantined row.
-pub struct Reject {
-    pub reason: String,
-    pub row: serde_json::Value,
-}
-
-/// Appends rejected rows of one check to the quarantine table in one transaction.
+/// Appends the rejected rows of one check to the quarantine table, in the
+/// caller's transaction.
 pub async fn write_rejects(
     conn: &mut PgConnection,
-    table: &str,
-    run_id: &str,
-    node: &str,
-    check: &str,
-    rejects: &[Reject],
+    r: &super::Rejects,
 ) -> std::result::Result<(), sqlx::Error> {
-    let reasons: Vec<&str> = rejects.iter().map(|r| r.reason.as_str()).collect();
-    let rows: Vec<String> = rejects.iter().map(|r| r.row.to_string()).collect();
+    let rows: Vec<String> = r.rows.iter().map(|v| v.to_string()).collect();
     let sql = format!(
         "INSERT INTO {} (run_id, node, check_name, reason, row_data) \
-         SELECT $1, $2, $3, r, d::jsonb FROM unnest($4::text[], $5::text[]) AS x(r, d)",
-        crate::spec::sql::qualified(table)
+         SELECT $1, $2, $3, $4, d::jsonb FROM unnest($5::text[]) AS x(d)",
+        crate::spec::sql::qualified(&r.table)
     );
-    let mut tx = conn.begin().await?;
     sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(run_id)
-        .bind(node)
-        .bind(check)
-        .bind(&reasons)
+        .bind(&r.run_id)
+        .bind(&r.node)
+        .bind(&r.check)
+        .bind(&r.reason)
         .bind(&rows)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
 }
 
 // ------------------------------------------------------------------ runtime
@@ -89,7 +79,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
 
-use super::{BatchSink, BatchSource, Load, Node, OpenStreamSink, Probe, StreamSink, Transaction, Watermark};
+use super::{BatchSink, BatchSource, Ledger, Load, Node, OpenStreamSink, Probe, StreamSink, Transaction};
 use crate::spec::Spec;
 
 #[async_trait::async_trait]
@@ -122,13 +112,7 @@ impl Probe for PostgresConnection {
 
 #[async_trait::async_trait]
 impl Transaction for PostgresConnection {
-    async fn load(
-        &self,
-        spec: &Spec,
-        name: &str,
-        loads: Vec<Load>,
-        watermarks: &[Watermark],
-    ) -> Result<Vec<u64>> {
+    async fn load(&self, spec: &Spec, name: &str, loads: Vec<Load>, ledger: &Ledger) -> Result<Vec<u64>> {
         let mut members = Vec::with_capacity(loads.len());
         for Load { id, input } in loads {
             let sink = spec
@@ -139,7 +123,7 @@ impl Transaction for PostgresConnection {
                 .ok_or_else(|| Error::Internal(format!("sink '{id}' is not a postgres sink")))?;
             members.push(sink::Load { id, sink, input });
         }
-        sink::load_all(name, &self.url, members, watermarks).await
+        sink::load_all(name, &self.url, members, ledger).await
     }
 }
 
@@ -152,7 +136,7 @@ impl BatchSink for PostgresSink {
     async fn write(&self, node: Node<'_>, input: SendableRecordBatchStream) -> Result<u64> {
         let (name, c) = node.connection::<PostgresConnection>(&self.connection)?;
         let load = sink::Load { id: node.id.to_string(), sink: self, input };
-        Ok(sink::load_all(name, &c.url, vec![load], &[]).await?.iter().sum())
+        Ok(sink::load_all(name, &c.url, vec![load], &Ledger::default()).await?.iter().sum())
     }
 }
 

@@ -22,7 +22,7 @@ use sqlx::{Acquire, PgConnection, Row};
 use super::config::PostgresSink;
 use super::decode::{arrow_type, PgColumn};
 use super::{connect, external};
-use crate::connectors::Watermark;
+use crate::connectors::Ledger;
 use crate::error::{Error, Result};
 use crate::spec::model::WriteMode;
 use crate::spec::sql::ident;
@@ -35,13 +35,9 @@ pub struct Load<'a> {
     pub input: SendableRecordBatchStream,
 }
 
-/// Loads every sink of one connection, and stores `watermarks`, in one transaction.
-pub async fn load_all(
-    name: &str,
-    url: &str,
-    loads: Vec<Load<'_>>,
-    watermarks: &[Watermark],
-) -> Result<Vec<u64>> {
+/// Loads every sink of one connection, and writes what the run records on
+/// it (`ledger`), in one transaction.
+pub async fn load_all(name: &str, url: &str, loads: Vec<Load<'_>>, ledger: &Ledger) -> Result<Vec<u64>> {
     let mut conn = connect(name, url).await?;
     let conn = &mut conn;
     let ext = |e: sqlx::Error| external(name, url, e);
@@ -68,7 +64,12 @@ pub async fn load_all(
         })?;
         done.push(rows);
     }
-    for w in watermarks {
+    for r in &ledger.rejects {
+        super::write_rejects(&mut tx, r)
+            .await
+            .map_err(|e| external(name, url, format!("quarantine table '{}': {e}", r.table)))?;
+    }
+    for w in &ledger.watermarks {
         let sql = format!(
             "INSERT INTO {} (pipeline, node, watermark, updated_at) VALUES ($1, $2, $3, now()) \
              ON CONFLICT (pipeline, node) DO UPDATE SET watermark = EXCLUDED.watermark, updated_at = now()",
@@ -81,6 +82,9 @@ pub async fn load_all(
             .execute(&mut *tx)
             .await
             .map_err(ext)?;
+    }
+    if let Some(run) = &ledger.run {
+        super::runs::finish(&mut tx, run).await.map_err(|e| external(name, url, e))?;
     }
     tx.commit().await.map_err(ext)?;
     Ok(done)

@@ -75,15 +75,19 @@ pub async fn open(
         let col = columns.iter().find(|c| c.name == inc.column).ok_or_else(|| {
             Error::Usage(format!("incremental column '{}' is not in the source's columns", inc.column))
         })?;
-        let lookback = inc.lookback.as_ref().map(|l| l.get().as_secs());
-        let bound = match lookback {
-            Some(secs) if secs > 0 => {
-                format!("CAST('{}' AS {}) - INTERVAL '{secs} seconds'", wm.replace('\'', "''"), col.type_name)
-            }
-            _ => format!("CAST('{}' AS {})", wm.replace('\'', "''"), col.type_name),
+        // Rows at the watermark, and within the lookback behind it on time
+        // columns, are read again: a row committed late with an older cursor
+        // value is not skipped, and upserts keep each row once.
+        let wm = crate::spec::sql::literal(wm);
+        let time = col.type_name.starts_with("timestamp") || col.type_name == "date";
+        let secs = inc.lookback().as_secs();
+        let bound = if time && secs > 0 {
+            format!("CAST({wm} AS {}) - INTERVAL '{secs} seconds'", col.type_name)
+        } else {
+            format!("CAST({wm} AS {})", col.type_name)
         };
         query =
-            format!("SELECT * FROM ({query}) AS s WHERE {} > {bound}", crate::spec::sql::ident(&inc.column));
+            format!("SELECT * FROM ({query}) AS s WHERE {} >= {bound}", crate::spec::sql::ident(&inc.column));
     }
     let mut decoder = Decoder::new(&columns, BATCH_ROWS).map_err(Error::Usage)?;
     let schema = decoder.schema();
@@ -101,8 +105,8 @@ pub async fn open(
                     }
                 }
             }
-            if decoder.pending_rows() > 0 {
-                let _ = tx.send(Ok(decoder.flush()?)).await;
+            if let Some(batch) = decoder.finish()? {
+                let _ = tx.send(Ok(batch)).await;
             }
             Ok(())
         }
