@@ -94,3 +94,19 @@ fn validate_connect_checks_connections_and_sink_tables() {
     );
     assert!(!err.contains("s3cret"), "{err}");
 }
+
+#[test]
+fn a_missing_source_table_fails_the_run_by_name() {
+    let db = database("missing_table");
+    let dir = super::scratch("pg-missing-table");
+    let spec = format!(
+        "version: 1\nname: m\nconnections:\n  db: {{ type: postgres, url: \"{}/{db}\" }}\nsources:\n  t: {{ connection: db, table: ledger_entries }}\nsinks:\n  out: {{ input: t, type: file, path: out.csv, format: csv }}\n",
+        server()
+    );
+    fs::write(dir.join("p.yaml"), spec).expect("spec");
+    let out = engine(&dir, &["run", "p.yaml"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("relation \"ledger_entries\" does not exist"), "{err}");
+    assert!(!dir.join("out.csv").exists());
+}

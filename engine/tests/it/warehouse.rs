@@ -61,6 +61,20 @@ impl Env {
         assert_eq!(code, 0, "seed: {err}");
     }
 
+    /// Runs the warehouse pipeline, which must succeed.
+    fn load(&self, what: &str) {
+        let (code, err) = self.run(&["run", "pipelines/dwh.yaml"]);
+        assert_eq!(code, 0, "{what}: {err}");
+    }
+
+    /// The seed's two sample queries over the warehouse equal the sources' truth.
+    fn assert_totals_match(&self) {
+        let (src_cats, src_names) = source_totals(self);
+        let (dwh_cats, dwh_names) = warehouse_totals(self);
+        assert_eq!(dwh_cats, src_cats);
+        assert_eq!(dwh_names, src_names);
+    }
+
     /// Runs `f` on this test's merchants collection.
     fn mongo<F, T>(&self, f: impl FnOnce(mongodb::Collection<mongodb::bson::Document>) -> F) -> T
     where
@@ -126,13 +140,9 @@ fn warehouse_totals(env: &Env) -> (HashMap<String, String>, HashMap<String, Stri
 fn seed_then_load_matches_the_sources_and_reruns_change_nothing() {
     let env = Env::new("wh");
     env.seed(300, 400, 20000);
-    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
-    assert_eq!(code, 0, "dwh: {err}");
-
-    let (src_cats, src_names) = source_totals(&env);
-    let (dwh_cats, dwh_names) = warehouse_totals(&env);
-    assert_eq!(dwh_cats, src_cats);
-    assert_eq!(dwh_names, src_names);
+    env.load("dwh");
+    env.assert_totals_match();
+    let (dwh_cats, _) = warehouse_totals(&env);
     assert!(dwh_cats.contains_key("unknown"), "the seed names some merchants MongoDB lacks: {dwh_cats:?}");
     // The first load rebuilt foreign keys and indexes after its COPY: all are back.
     let kept = psql(
@@ -144,8 +154,7 @@ fn seed_then_load_matches_the_sources_and_reruns_change_nothing() {
 
     // A rerun reads the lookback window again and changes nothing.
     let before = psql(&env.dwh, "SELECT count(*), sum(amount) FROM fact_transactions");
-    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
-    assert_eq!(code, 0, "rerun: {err}");
+    env.load("rerun");
     assert_eq!(psql(&env.dwh, "SELECT count(*), sum(amount) FROM fact_transactions"), before);
 
     // 100 updated source rows move exactly those rows: only they get a new
@@ -155,21 +164,17 @@ fn seed_then_load_matches_the_sources_and_reruns_change_nothing() {
         "UPDATE transactions SET amount = amount + 1, updated_at = now() WHERE transaction_id <= 100",
     );
     let xid = psql(&env.dwh, "SELECT txid_current() % 4294967296").trim().to_string();
-    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
-    assert_eq!(code, 0, "incremental: {err}");
+    env.load("incremental");
     let moved = psql(&env.dwh, &format!("SELECT count(*), min(transaction_id), max(transaction_id) FROM fact_transactions WHERE xmin::text::bigint > {xid}"));
-    assert_eq!(moved.trim(), "100|1|100", "{err}");
-    let (src_cats, _) = source_totals(&env);
-    let (dwh_cats, _) = warehouse_totals(&env);
-    assert_eq!(dwh_cats, src_cats);
+    assert_eq!(moved.trim(), "100|1|100");
+    env.assert_totals_match();
 }
 
 #[test]
 fn a_run_killed_mid_load_leaves_the_warehouse_as_it_was() {
     let env = Env::new("kill");
     env.seed(500, 200, 300000);
-    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
-    assert_eq!(code, 0, "first load: {err}");
+    env.load("first load");
     let before = psql(&env.dwh, "SELECT count(*), sum(amount) FROM fact_transactions");
     let marks = psql(&env.dwh, "SELECT node, watermark FROM etl_state ORDER BY node");
 
@@ -218,12 +223,8 @@ fn a_run_killed_mid_load_leaves_the_warehouse_as_it_was() {
         "success|f\nrunning|t\n"
     );
 
-    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
-    assert_eq!(code, 0, "run after the kill: {err}");
-    let (src_cats, src_names) = source_totals(&env);
-    let (dwh_cats, dwh_names) = warehouse_totals(&env);
-    assert_eq!(dwh_cats, src_cats);
-    assert_eq!(dwh_names, src_names);
+    env.load("run after the kill");
+    env.assert_totals_match();
 }
 
 #[test]
@@ -253,8 +254,7 @@ fn quarantined_rows_land_in_the_quarantine_table_with_their_reason() {
         &env.src,
         "UPDATE transactions SET created_at = now() - interval '1 day' WHERE transaction_id IN (2, 3)",
     );
-    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
-    assert_eq!(code, 0, "{err}");
+    env.load("load");
     assert_eq!(psql(&env.dwh, "SELECT count(*) FROM fact_transactions").trim(), "999");
     assert_eq!(psql(&env.dwh, "SELECT count(*) FROM fact_transactions WHERE transaction_id = 1").trim(), "0");
     let rejects =
@@ -320,8 +320,7 @@ fn a_merchant_arriving_late_gets_its_sales_on_the_next_plain_run() {
     let env = Env::new("late");
     // 400 merchants in MongoDB; transactions also name M000401 and M000402.
     env.seed(100, 400, 5000);
-    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
-    assert_eq!(code, 0, "{err}");
+    env.load("load");
     let late = psql(&env.src, "SELECT count(*) FROM transactions WHERE merchant_id = 'M000401'");
     assert_ne!(late.trim(), "0", "the seed names M000401");
     assert_eq!(
@@ -332,24 +331,19 @@ fn a_merchant_arriving_late_gets_its_sales_on_the_next_plain_run() {
         let doc = mongodb::bson::doc! { "merchant_id": "M000401", "name": "Late Arrival Travel", "category": "travel" };
         c.insert_one(doc).await.expect("insert");
     });
-    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
-    assert_eq!(code, 0, "{err}");
+    env.load("load");
     assert_eq!(
         psql(&env.dwh, "SELECT category, is_inferred FROM dim_merchant WHERE merchant_id = 'M000401'"),
         "travel|f\n"
     );
-    let (src_cats, src_names) = source_totals(&env);
-    let (dwh_cats, dwh_names) = warehouse_totals(&env);
-    assert_eq!(dwh_cats, src_cats);
-    assert_eq!(dwh_names, src_names);
+    env.assert_totals_match();
 }
 
 #[test]
 fn a_row_committed_late_inside_the_overlap_is_loaded() {
     let env = Env::new("overlap");
     env.seed(30, 20, 300);
-    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
-    assert_eq!(code, 0, "{err}");
+    env.load("load");
     // A customer whose transaction committed after the run read, stamped
     // a minute before the watermark the run stored.
     let mark = psql(&env.dwh, "SELECT watermark FROM etl_state WHERE node = 'customers'");
@@ -362,8 +356,7 @@ fn a_row_committed_late_inside_the_overlap_is_loaded() {
             mark.trim()
         ),
     );
-    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
-    assert_eq!(code, 0, "{err}");
+    env.load("load");
     assert_eq!(psql(&env.dwh, "SELECT first_name FROM dim_customer WHERE customer_id = 100001"), "Late\n");
 }
 
@@ -371,8 +364,7 @@ fn a_row_committed_late_inside_the_overlap_is_loaded() {
 fn a_source_that_shrinks_fails_the_volume_check_and_the_history_says_so() {
     let env = Env::new("volume");
     env.seed(40, 100, 500);
-    let (code, err) = env.run(&["run", "pipelines/dwh.yaml"]);
-    assert_eq!(code, 0, "{err}");
+    env.load("load");
     let merchants_before = psql(&env.dwh, "SELECT count(*) FROM dim_merchant");
     // 60 of the 100 merchant documents disappear: more than the 50% allowed.
     env.mongo(|c| async move {
