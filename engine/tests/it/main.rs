@@ -56,6 +56,15 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// A name part no other test run has used: the process id and the time.
+pub fn unique() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{}_{nanos:x}", std::process::id())
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }

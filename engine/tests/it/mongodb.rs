@@ -13,8 +13,10 @@ fn url() -> String {
     std::env::var("ENGINE_TEST_MONGODB").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".to_string())
 }
 
+/// A collection no earlier run used: process ids come round again, and the
+/// server keeps what earlier runs wrote.
 fn coll_name(test: &str) -> String {
-    format!("it_{test}_{}", std::process::id())
+    format!("it_{test}_{}", super::unique())
 }
 
 fn with_coll<F, T>(name: &str, f: impl FnOnce(mongodb::Collection<Document>) -> F) -> T

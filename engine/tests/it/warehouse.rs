@@ -30,7 +30,8 @@ impl Env {
             src,
             dwh,
             mongo_db: format!("engine_it_{name}_{pid}"),
-            merchants: format!("merchants_{name}_{pid}"),
+            // Never a name an earlier run used: process ids come round again.
+            merchants: format!("merchants_{name}_{}", super::unique()),
         }
     }
 
