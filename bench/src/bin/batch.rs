@@ -47,17 +47,33 @@ fn main() {
         ],
     );
     println!("  seeded in {secs:.1}s");
+    // Planner statistics, as autovacuum keeps them on a live OLTP database.
+    psql("bench_src", "ANALYZE");
 
     // The raw path: the fact rows out of the source and into an empty copy.
     let file = std::env::temp_dir().join(format!("bench-fact-{}.copy", std::process::id()));
     let file_s = file.to_string_lossy().to_string();
-    // The empty copy of fact_transactions, from the warehouse's own migration.
-    let star = std::fs::read_to_string(root.join("migrations/dwh/001_star_schema.sql"))
-        .unwrap_or_else(|e| fail(&format!("migrations/dwh/001_star_schema.sql: {e}")));
+    // The empty copy of fact_transactions, from the warehouse's own
+    // migrations (its storage parameters included).
     psql("postgres", "DROP DATABASE IF EXISTS bench_raw WITH (FORCE)");
     psql("postgres", "CREATE DATABASE bench_raw");
-    psql("bench_raw", &star);
+    let mut migrations: Vec<PathBuf> = std::fs::read_dir(root.join("migrations/dwh"))
+        .unwrap_or_else(|e| fail(&format!("migrations/dwh: {e}")))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    migrations.sort();
+    for m in &migrations {
+        let sql = std::fs::read_to_string(m).unwrap_or_else(|e| fail(&format!("{}: {e}", m.display())));
+        psql("bench_raw", &sql);
+    }
     psql("bench_raw", "CREATE TABLE fact_copy (LIKE fact_transactions INCLUDING ALL)");
+    psql(
+        "bench_raw",
+        "DO $$ DECLARE o text; BEGIN SELECT array_to_string(reloptions, ', ') INTO o FROM pg_class \
+         WHERE oid = 'fact_transactions'::regclass; IF o IS NOT NULL THEN \
+         EXECUTE format('ALTER TABLE fact_copy SET (%s)', o); END IF; END $$",
+    );
     let started = Instant::now();
     psql(
         "bench_src",
@@ -88,6 +104,7 @@ fn main() {
         "bench_src",
         "UPDATE transactions SET amount = amount + 1, updated_at = now() WHERE transaction_id % 100 = 0",
     );
+    psql("bench_src", "ANALYZE transactions");
     let changed = n / 100;
     println!("  changed {changed} transactions in {:.1}s", started.elapsed().as_secs_f64());
     let xid = psql("bench_dwh", "SELECT txid_current() % 4294967296").trim().to_string();
