@@ -110,3 +110,26 @@ fn a_missing_source_table_fails_the_run_by_name() {
     assert!(err.contains("relation \"ledger_entries\" does not exist"), "{err}");
     assert!(!dir.join("out.csv").exists());
 }
+
+#[test]
+fn slow_statements_stay_out_of_a_runs_output() {
+    let db = database("slow");
+    // Every insert into the table takes over a second: sqlx's slow-statement threshold.
+    psql(
+        &db,
+        "CREATE TABLE t (id int8 PRIMARY KEY); INSERT INTO t VALUES (100); \
+         CREATE FUNCTION nap() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(1.1); RETURN NULL; END $$; \
+         CREATE TRIGGER nap AFTER INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION nap()",
+    );
+    let dir = super::scratch("pg-slow");
+    let spec = format!(
+        "version: 1\nname: s\nconnections:\n  db: {{ type: postgres, url: \"{}/{db}\" }}\nsources:\n  nums: {{ type: generate, rows: 3, columns: {{ id: n }} }}\nsinks:\n  out: {{ input: nums, connection: db, table: t, mode: upsert, key: [id] }}\n",
+        server()
+    );
+    fs::write(dir.join("s.yaml"), spec).expect("spec");
+    let out = engine(&dir, &["run", "s.yaml"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(psql(&db, "SELECT count(*) FROM t").trim(), "4");
+    assert!(!err.contains("slow statement"), "{err}");
+}

@@ -10,13 +10,20 @@ pub mod source;
 
 use std::path::Path;
 
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 
 use crate::error::{Error, Result};
 
 /// Opens one connection; errors name the connection, never its password.
+/// Statements slower than a second (an index rebuild after a bulk load) are
+/// logged at debug, not as warnings in every run's output.
 pub async fn connect(name: &str, url: &str) -> Result<PgConnection> {
-    PgConnection::connect(url).await.map_err(|e| external(name, url, e))
+    use sqlx::ConnectOptions;
+    let opts: sqlx::postgres::PgConnectOptions = url.parse().map_err(|e| external(name, url, e))?;
+    opts.log_slow_statements(log::LevelFilter::Debug, std::time::Duration::from_secs(1))
+        .connect()
+        .await
+        .map_err(|e| external(name, url, e))
 }
 
 pub fn external(name: &str, url: &str, e: impl std::fmt::Display) -> Error {
