@@ -177,10 +177,10 @@ fn sum_column(what: &str, batches: &[RecordBatch], col: usize) -> Result<u64> {
     let mut sum = 0u64;
     for b in batches {
         let a = int64s(what, b, col)?;
-        sum += a.iter().map(|v| v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0)).sum::<u64>();
         if a.null_count() > 0 {
             return Err(Error::Internal(format!("{what}: a count is NULL")));
         }
+        sum += a.values().iter().map(|&v| u64::try_from(v).unwrap_or(0)).sum::<u64>();
     }
     Ok(sum)
 }

@@ -7,14 +7,19 @@ use super::report::Status;
 use super::Executor;
 use crate::connectors::{postgres, RunRecord};
 use crate::error::{Error, Result};
-
-/// Where this run's history row lives.
-pub(super) struct History {
-    connection: String,
-    url: String,
-}
+use crate::spec::model::StateStore;
 
 impl Executor<'_> {
+    /// The state store with its connection's name and URL, when the
+    /// pipeline keeps state.
+    pub(super) fn state_connection(&self) -> Option<(&StateStore, &String, String)> {
+        let state = self.plan.spec.pipeline.state.as_ref()?;
+        let name = state.connection.value();
+        let url =
+            self.plan.spec.pipeline.connections.get(name).map(|c| c.url().to_string()).unwrap_or_default();
+        Some((state, name, url))
+    }
+
     /// Records the run as started, when the pipeline keeps state and the
     /// run writes (not `--dry-run`, not `engine test`).
     pub(super) async fn start_history(&mut self) -> Result<()> {
@@ -22,14 +27,12 @@ impl Executor<'_> {
             return Ok(());
         }
         let spec = &self.plan.spec;
-        let Some(state) = &spec.pipeline.state else { return Ok(()) };
-        let name = state.connection.value();
-        let url = spec.pipeline.connections.get(name).map(|c| c.url().to_string()).unwrap_or_default();
+        let Some((state, name, url)) = self.state_connection() else { return Ok(()) };
         let text = std::fs::read(&spec.file).map_err(|e| Error::io(&spec.file, e))?;
         let hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&text));
         postgres::runs::start(name, &url, &state.runs, &self.report.run_id, &spec.pipeline.name, &hash)
             .await?;
-        self.history = Some(History { connection: name.clone(), url });
+        self.history = true;
         Ok(())
     }
 
@@ -79,7 +82,7 @@ impl Executor<'_> {
     /// The success record, for the transaction on the state's connection;
     /// `None` when this run keeps no history.
     pub(super) fn success_record(&self, extra: &[(String, u64)]) -> Result<Option<RunRecord>> {
-        if self.history.is_none() {
+        if !self.history {
             return Ok(None);
         }
         self.run_record("success", 0, extra)
@@ -87,14 +90,17 @@ impl Executor<'_> {
 
     /// Records how the run ended, unless its success was committed with the loads.
     pub(super) async fn end_history(&mut self, error: Option<&Error>) -> Result<()> {
-        let Some(h) = self.history.take() else { return Ok(()) };
+        if !std::mem::take(&mut self.history) {
+            return Ok(());
+        }
         let (status, code) = match (error, self.report.status) {
             (Some(e), _) => ("failed", e.exit_code()),
             (None, Status::CheckFailed) => ("check_failed", 1),
             (None, _) => ("success", 0),
         };
         let Some(record) = self.run_record(status, code, &[])? else { return Ok(()) };
-        postgres::runs::finish_alone(&h.connection, &h.url, &record).await
+        let Some((_, name, url)) = self.state_connection() else { return Ok(()) };
+        postgres::runs::finish_alone(name, &url, &record).await
     }
 
     /// The `volume` check of node `id`, which read `rows`: compared with
@@ -109,13 +115,11 @@ impl Executor<'_> {
         if self.opts.given.is_some() {
             return Ok((true, format!("{rows} rows; tests have no run history")));
         }
-        let spec = &self.plan.spec;
-        let Some(state) = &spec.pipeline.state else {
+        let Some((state, name, url)) = self.state_connection() else {
             return Err(Error::Internal("a volume check without a state connection".into()));
         };
-        let name = state.connection.value();
-        let url = spec.pipeline.connections.get(name).map(|c| c.url().to_string()).unwrap_or_default();
-        let last = postgres::runs::last_rows(name, &url, &state.runs, &spec.pipeline.name, id).await?;
+        let pipeline = &self.plan.spec.pipeline.name;
+        let last = postgres::runs::last_rows(name, &url, &state.runs, pipeline, id).await?;
         let Some((run, before)) = last else {
             return Ok((true, format!("{rows} rows; no earlier successful run to compare with")));
         };

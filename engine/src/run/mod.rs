@@ -129,8 +129,9 @@ struct Executor<'a> {
     rejects: Vec<crate::connectors::Rejects>,
     /// New watermarks of incremental sources, stored with the sinks.
     watermarks: Vec<(String, String)>,
-    /// The run history, once this run is recorded in it.
-    history: Option<history::History>,
+    /// Whether this run is recorded in the run history with its end still
+    /// to write.
+    history: bool,
 }
 
 impl<'a> Executor<'a> {
@@ -150,7 +151,7 @@ impl<'a> Executor<'a> {
             report,
             rejects: vec![],
             watermarks: vec![],
-            history: None,
+            history: false,
         })
     }
 
@@ -239,13 +240,12 @@ impl<'a> Executor<'a> {
             Transform::Sql(_) => self.plan.nodes.keys().filter(|n| self.reads(id, n)).collect(),
             Transform::Rules(r) => vec![r.input.value()],
         };
-        Some(
-            inputs
-                .iter()
-                .filter_map(|i| self.report.nodes.iter().find(|n| &n.node == *i))
-                .map(|n| n.rows_out)
-                .sum(),
-        )
+        Some(inputs.iter().filter_map(|i| self.rows_out(i)).sum())
+    }
+
+    /// The rows a node passed on, once it ran.
+    fn rows_out(&self, node: &str) -> Option<u64> {
+        self.report.nodes.iter().find(|n| n.node == node).map(|n| n.rows_out)
     }
 
     fn reads(&self, id: &str, input: &str) -> bool {

@@ -55,7 +55,7 @@ impl Executor<'_> {
         }
         if let Some(sc) = &state_conn {
             let members = groups.shift_remove(sc).unwrap_or_default();
-            if !members.is_empty() || !self.watermarks.is_empty() || self.history.is_some() {
+            if !members.is_empty() || !self.watermarks.is_empty() || self.history {
                 groups.insert(sc.clone(), members);
             }
         }
@@ -95,7 +95,9 @@ impl Executor<'_> {
                 // This transaction loads every row of its sinks' inputs.
                 let loaded: Vec<(String, u64)> = members
                     .iter()
-                    .map(|id| (id.to_string(), self.rows_of(pipeline.sinks[*id].input().value())))
+                    .map(|id| {
+                        (id.to_string(), self.rows_out(pipeline.sinks[*id].input().value()).unwrap_or(0))
+                    })
                     .collect();
                 ledger.run = self.success_record(&loaded)?;
             }
@@ -107,7 +109,7 @@ impl Executor<'_> {
             };
             if ledger.run.is_some() {
                 // The run's success committed with the loads.
-                self.history = None;
+                self.history = false;
             }
             if let Some(b) = bar {
                 b.finish_and_clear();
@@ -120,13 +122,8 @@ impl Executor<'_> {
         Ok(())
     }
 
-    /// The rows a node passed on.
-    fn rows_of(&self, node: &str) -> u64 {
-        self.report.nodes.iter().find(|n| n.node == node).map(|n| n.rows_out).unwrap_or(0)
-    }
-
     fn sink_report(&mut self, id: &str, input: &str, rows: u64, seconds: f64) {
-        let rows_in = self.report.nodes.iter().find(|n| n.node == input).map(|n| n.rows_out);
+        let rows_in = self.rows_out(input);
         let mut node = NodeReport::new(id, "sink", rows_in, rows);
         node.seconds = seconds;
         self.report.nodes.push(node);

@@ -32,20 +32,15 @@ impl Executor<'_> {
         if src.settings.incremental().is_none() {
             return Ok(None);
         }
-        let Some(state) = &self.plan.spec.pipeline.state else { return Ok(None) };
+        let Some((state, name, url)) = self.state_connection() else { return Ok(None) };
         if self.opts.full_refresh {
             return Ok(None);
         }
-        let name = state.connection.value();
-        let url =
-            self.plan.spec.pipeline.connections.get(name).map(|c| c.url().to_string()).unwrap_or_default();
         let mut conn = postgres::connect(name, &url).await?;
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(crate::spec::sql::qualified(&state.table))
-            .fetch_one(&mut conn)
+        if !postgres::table_exists(&mut conn, &state.table)
             .await
-            .map_err(|e| postgres::external(name, &url, e))?;
-        if !exists {
+            .map_err(|e| postgres::external(name, &url, e))?
+        {
             // Not migrated yet (a dry run before the first run): no watermarks.
             return Ok(None);
         }

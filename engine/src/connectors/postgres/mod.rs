@@ -26,6 +26,14 @@ pub async fn connect(name: &str, url: &str) -> Result<PgConnection> {
         .map_err(|e| external(name, url, e))
 }
 
+/// Whether `table` (possibly `schema.table`) exists.
+pub async fn table_exists(conn: &mut PgConnection, table: &str) -> std::result::Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(crate::spec::sql::qualified(table))
+        .fetch_one(conn)
+        .await
+}
+
 pub fn external(name: &str, url: &str, e: impl std::fmt::Display) -> Error {
     super::external("postgres", name, url, e)
 }

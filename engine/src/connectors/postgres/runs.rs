@@ -96,12 +96,7 @@ pub async fn last_rows(
     node: &str,
 ) -> Result<Option<(String, u64)>> {
     let mut conn = connect(name, url).await?;
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(qualified(table))
-        .fetch_one(&mut conn)
-        .await
-        .map_err(|e| external(name, url, e))?;
-    if !exists {
+    if !super::table_exists(&mut conn, table).await.map_err(|e| external(name, url, e))? {
         return Ok(None);
     }
     let sql = format!(
