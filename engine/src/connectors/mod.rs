@@ -122,6 +122,8 @@ pub struct StreamArgs {
     pub limit: Option<u64>,
     /// The source's micro-batching (`batch:`).
     pub batch: Option<BatchSpec>,
+    /// `--shard I/N`: read only the partitions `p` with `p mod N == I`.
+    pub shard: Option<(u32, u32)>,
 }
 
 /// A source of a stream, pulled a micro-batch at a time.
@@ -136,9 +138,46 @@ pub trait StreamSource: Send {
 /// Acknowledges deliveries, in order, once every sink committed them.
 #[async_trait::async_trait]
 pub trait Acker: Send {
+    /// Acknowledges the batch of `token` and stores the window `state` it
+    /// changed, both at once (a source that keeps state: [`Acker::durable`]).
     /// Retries while the system is away, until `stop`; an error leaves the
-    /// batch to be delivered again.
-    async fn ack(&mut self, token: Token, stop: &watch::Receiver<bool>) -> std::result::Result<(), String>;
+    /// batch to be delivered again, and its state unsaved.
+    async fn ack(
+        &mut self,
+        token: Token,
+        state: State,
+        stop: &watch::Receiver<bool>,
+    ) -> std::result::Result<(), String>;
+
+    /// Whether window state is stored with the acknowledgements, so that a
+    /// restarted stream counts every event exactly once.
+    fn durable(&self) -> bool {
+        false
+    }
+
+    /// The window state stored by earlier runs for what this source reads.
+    async fn load_state(&mut self) -> std::result::Result<Vec<StateWrite>, String> {
+        Ok(Vec::new())
+    }
+
+    /// Stores rows a sink refused, before the batch that carried them is
+    /// acknowledged (the source's dead letter). Retries like `ack`; an error
+    /// leaves the batch unacknowledged. Without a dead letter they are logged.
+    async fn refuse(
+        &mut self,
+        rows: Vec<Refused>,
+        _stop: &watch::Receiver<bool>,
+    ) -> std::result::Result<(), String> {
+        log_refused(&rows);
+        Ok(())
+    }
+}
+
+/// Logs refused rows' reasons (not their data: rows may be personal data).
+pub fn log_refused(rows: &[Refused]) {
+    for r in rows {
+        tracing::warn!(sink = %r.sink, "row refused (no dead_letter configured): {}", r.reason);
+    }
 }
 
 /// An acker for sources with nothing to acknowledge.
@@ -146,9 +185,30 @@ pub struct NoAck;
 
 #[async_trait::async_trait]
 impl Acker for NoAck {
-    async fn ack(&mut self, _: Token, _: &watch::Receiver<bool>) -> std::result::Result<(), String> {
+    async fn ack(
+        &mut self,
+        _: Token,
+        _: State,
+        _: &watch::Receiver<bool>,
+    ) -> std::result::Result<(), String> {
         Ok(())
     }
+}
+
+/// The window state a batch changed, stored with its acknowledgement.
+#[derive(Debug, Default)]
+pub struct State {
+    pub writes: Vec<StateWrite>,
+    /// How long stored state outlives its partition's last change.
+    pub keep_for: Duration,
+}
+
+/// One key's window in a partition's state, or its removal (`value: None`).
+#[derive(Debug, Clone)]
+pub struct StateWrite {
+    pub partition: u32,
+    pub field: Vec<u8>,
+    pub value: Option<Vec<u8>>,
 }
 
 /// Opens a stream source from its settings.
@@ -230,9 +290,37 @@ pub trait Transaction: Send + Sync {
 #[async_trait::async_trait]
 pub trait StreamSink: Send {
     /// Writes and commits `batches` (never empty). `Error::External` means
-    /// the system is away and the same batch is tried again; anything else
-    /// stops the stream.
-    async fn write(&mut self, batches: &[RecordBatch]) -> Result<u64>;
+    /// the system is away and the same batch is tried again (a sink that
+    /// committed part of it goes on from there); anything else stops the
+    /// stream. Rows the system refuses for their data are returned, not
+    /// retried: they go to the source's dead letter.
+    async fn write(&mut self, batches: &[RecordBatch]) -> Result<Written>;
+}
+
+/// What a stream sink did with a batch.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// Rows committed.
+    pub rows: u64,
+    /// Rows refused for their data, each with the system's reason.
+    pub refused: Vec<Refused>,
+}
+
+impl Written {
+    pub fn all(rows: u64) -> Self {
+        Self { rows, refused: Vec::new() }
+    }
+}
+
+/// A row a sink's system refused for its data (a CHECK, NOT NULL or
+/// foreign-key violation, a value out of range): retrying cannot help.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    /// The sink's id.
+    pub sink: String,
+    /// The row as a JSON object.
+    pub row: Vec<u8>,
+    pub reason: String,
 }
 
 /// Opens a stream sink from its settings.

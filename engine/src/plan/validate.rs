@@ -237,9 +237,23 @@ pub(crate) async fn rules(p: &mut Problems<'_>, _b: &Built) -> HashMap<String, V
         };
         let (set, diags) = rules::load(&files);
         p.diags.extend(diags);
+        if let Some((partitions, column)) = partitioned(p.spec) {
+            p.diags.extend(rules::check_partitioned(&set, &column, partitions));
+        }
         out.insert(id.clone(), set);
     }
     out
+}
+
+/// A stream read in several partitions: their number and the partition column.
+pub(crate) fn partitioned(spec: &crate::spec::Spec) -> Option<(u32, String)> {
+    if spec.pipeline.mode != crate::spec::model::Mode::Stream {
+        return None;
+    }
+    spec.pipeline.sources.values().find_map(|s| match s.settings.partitions() {
+        Some((p, Some(col))) if p > 1 => Some((p, col.to_string())),
+        _ => None,
+    })
 }
 
 // ------------------------------------------------------------------- schemas

@@ -133,7 +133,7 @@ fn through_the_stream(set: &[LoadedRule], events: &[Event], size: usize) -> BTre
     let mut windows = rules.windows(HashMap::new());
     let mut out = Vec::new();
     for chunk in events.chunks(size) {
-        let (alerts, _) = rules.evaluate(&batch(chunk), &mut windows, 0).expect("evaluates");
+        let (alerts, _) = rules.evaluate(&batch(chunk), &mut windows, 0, None).expect("evaluates");
         out.push(alerts);
     }
     alert_ids(&out)

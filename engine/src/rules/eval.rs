@@ -127,13 +127,25 @@ impl CompiledRules {
             .collect()
     }
 
+    /// Each window's signature (what identifies its state), its number of
+    /// aggregates (the stride of its stored events) and its size.
+    pub fn window_signatures(&self) -> Vec<(&str, usize, std::time::Duration)> {
+        self.rules
+            .iter()
+            .filter_map(|r| r.window.as_ref())
+            .map(|w| (w.signature.as_str(), w.funcs.len(), w.size))
+            .collect()
+    }
+
     /// The alerts of `batch`, and the hits of every rule (shadow rules too).
-    /// `arrival_us` is the event time of windows without a time column.
+    /// `arrival_us` is the event time of windows without a time column;
+    /// `partitions`, when windows are durable, the partition of each row.
     pub fn evaluate(
         &self,
         batch: &RecordBatch,
         windows: &mut HashMap<String, Windows>,
         arrival_us: i64,
+        partitions: Option<&[u32]>,
     ) -> Result<(RecordBatch, Vec<Hits>), String> {
         // Each windowed rule runs on a thread of its own while this one
         // evaluates the others: its time goes to per-key state spread over
@@ -153,7 +165,7 @@ impl CompiledRules {
          -> Result<(RecordBatch, BooleanArray), String> {
             match (&rule.window, state) {
                 (Some(w), Some(state)) => {
-                    let aug = with_aggregates(w, batch, state, arrival_us)?;
+                    let aug = with_aggregates(w, batch, state, arrival_us, partitions)?;
                     let mask = eval_bool(&rule.when, &aug)?;
                     Ok((aug, mask))
                 }
@@ -321,6 +333,7 @@ fn with_aggregates(
     batch: &RecordBatch,
     state: &mut Windows,
     arrival_us: i64,
+    partitions: Option<&[u32]>,
 ) -> Result<RecordBatch, String> {
     let n = batch.num_rows();
     let err = |e: datafusion::error::DataFusionError| e.to_string();
@@ -372,7 +385,8 @@ fn with_aggregates(
         let t = times.as_ref().filter(|t| t.is_valid(row)).map(|t| t.value(row)).unwrap_or(arrival_us);
         values.clear();
         values.extend(inputs.iter().map(|a| a.as_ref().filter(|a| a.is_valid(row)).map(|a| a.value(row))));
-        state.add(key(row), t, &values, &w.funcs, &mut aggs);
+        let partition = partitions.and_then(|p| p.get(row).copied()).unwrap_or(0);
+        state.add(key(row), partition, t, &values, &w.funcs, &mut aggs);
         for (j, v) in aggs.iter().enumerate() {
             out[j].push(*v);
         }
@@ -437,11 +451,12 @@ mod tests {
         ]);
         let mut windows = rules.windows(HashMap::new());
         let (a, hits) = rules
-            .evaluate(&batch(&[(1, 7, 60.0, 0), (2, 8, 1.0, 1), (3, 7, 30.0, 10)]), &mut windows, 0)
+            .evaluate(&batch(&[(1, 7, 60.0, 0), (2, 8, 1.0, 1), (3, 7, 30.0, 10)]), &mut windows, 0, None)
             .unwrap();
         assert_eq!(a.num_rows(), 0);
         assert_eq!(hits.iter().find(|h| h.rule == "big").map(|h| h.count), Some(1));
-        let (a, _) = rules.evaluate(&batch(&[(4, 7, 20.0, 20), (5, 7, 5.0, 200)]), &mut windows, 0).unwrap();
+        let (a, _) =
+            rules.evaluate(&batch(&[(4, 7, 20.0, 20), (5, 7, 5.0, 200)]), &mut windows, 0, None).unwrap();
         assert_eq!(column(&a, "alert_id"), vec!["rapid:4"]);
         assert_eq!(column(&a, "reason"), vec!["count(*) 3 > 2 AND sum(amount) 110.0 > 100"]);
         assert_eq!(column(&a, "severity"), vec!["medium"]);
@@ -456,11 +471,11 @@ mod tests {
         );
         let first = compiled(&[rapid]);
         let mut windows = first.windows(HashMap::new());
-        let (a, _) = first.evaluate(&batch(&[(1, 7, 1.0, 0)]), &mut windows, 0).unwrap();
+        let (a, _) = first.evaluate(&batch(&[(1, 7, 1.0, 0)]), &mut windows, 0, None).unwrap();
         assert_eq!(a.num_rows(), 0);
         let second = compiled(&[rapid, ("big.yaml", "id: big\nseverity: high\nwhen: amount > 1000\n")]);
         let mut windows = second.windows(windows);
-        let (a, _) = second.evaluate(&batch(&[(2, 7, 1.0, 1)]), &mut windows, 1_000_000).unwrap();
+        let (a, _) = second.evaluate(&batch(&[(2, 7, 1.0, 1)]), &mut windows, 1_000_000, None).unwrap();
         assert_eq!(column(&a, "alert_id"), vec!["rapid:2"]);
     }
 }

@@ -33,6 +33,9 @@ pub struct Source {
     pub target: PathBuf,
     pub schema: SchemaRef,
     pub key: String,
+    /// A stream read in partitions: their number and the partition column,
+    /// which every window's `by` must hold.
+    pub partitioned: Option<(u32, String)>,
 }
 
 impl Source {
@@ -40,6 +43,9 @@ impl Source {
     pub async fn load(&self) -> std::result::Result<CompiledRules, String> {
         let files = crate::spec::rules::files(&self.target)?;
         let (set, mut diags) = crate::spec::rules::load(&files);
+        if let Some((partitions, column)) = &self.partitioned {
+            diags.extend(crate::spec::rules::check_partitioned(&set, column, *partitions));
+        }
         if !diags.has_errors() {
             diags.extend(super::compile::check_against(&set, self.schema.clone(), &self.key).await);
         }

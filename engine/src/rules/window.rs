@@ -139,6 +139,8 @@ struct KeyWindow {
     /// (at least that of every event in it): a window gone stale is started
     /// afresh without reading `buf`.
     latest: i64,
+    /// Where a durable window is stored.
+    partition: u32,
 }
 
 /// Slots of `buf` before the ring.
@@ -256,6 +258,40 @@ impl KeyWindow {
         self.cap = cap;
     }
 
+    /// The events, oldest first, as stored: per event its time, then its
+    /// `stride` aggregate inputs (f64 bits, or `ABSENT`), all little-endian.
+    fn encode(&self, stride: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + self.len as usize * (1 + stride) * 8);
+        out.extend_from_slice(&(stride as u32).to_le_bytes());
+        for i in 0..self.len as usize {
+            let at = self.slot(i, stride);
+            for v in &self.buf[at..at + 1 + stride] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// A window from [`KeyWindow::encode`]'s bytes; `None` when they are not
+    /// of this stride (a window whose aggregates changed).
+    fn decode(bytes: &[u8], stride: usize, size: i64) -> Option<KeyWindow> {
+        let (head, rest) = bytes.split_at_checked(4)?;
+        if u32::from_le_bytes(head.try_into().ok()?) as usize != stride
+            || rest.len() % ((1 + stride) * 8) != 0
+        {
+            return None;
+        }
+        let mut w = KeyWindow::default();
+        let mut values = Vec::with_capacity(stride);
+        for event in rest.chunks_exact((1 + stride) * 8) {
+            let word = |j: usize| u64::from_le_bytes(event[j * 8..j * 8 + 8].try_into().unwrap_or_default());
+            values.clear();
+            values.extend((1..=stride).map(|j| Some(word(j)).filter(|b| *b != ABSENT).map(f64::from_bits)));
+            w.push(word(0) as i64, &values, size);
+        }
+        Some(w)
+    }
+
     /// The latest event time in the window, or later; `None` when empty.
     fn latest(&self) -> Option<i64> {
         (self.len > 0).then_some(self.latest)
@@ -299,6 +335,30 @@ pub struct Windows {
     rows: Map<Box<[u8]>>,
     newest: i64,
     swept_at: i64,
+    /// Durable windows: the keys changed (or forgotten) since the last
+    /// [`Windows::changes`], each with its partition.
+    changed: Option<Changed>,
+}
+
+#[derive(Default)]
+struct Changed {
+    ints: HashMap<i64, u32>,
+    rows: HashMap<Box<[u8]>, u32>,
+}
+
+/// A key's window as stored, or its removal (`value: None`).
+pub struct Stored {
+    pub partition: u32,
+    /// The key: `i` and 8 bytes (an integer key), or `r` and Arrow's row format.
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+fn stored_key(key: Key<'_>) -> Vec<u8> {
+    match key {
+        Key::Int(k) => [b"i".as_slice(), &k.to_le_bytes()].concat(),
+        Key::Row(r) => [b"r".as_slice(), r].concat(),
+    }
 }
 
 impl Windows {
@@ -309,19 +369,38 @@ impl Windows {
             rows: HashMap::default(),
             newest: i64::MIN,
             swept_at: 0,
+            changed: None,
         }
+    }
+
+    /// Keeps track of changed keys, for [`Windows::changes`].
+    pub fn make_durable(&mut self) {
+        self.changed.get_or_insert_with(Changed::default);
     }
 
     /// Adds one event to its key's window; `out` gets the aggregates over
     /// that window, this event included (`values` holds their inputs).
+    /// `partition` is where a durable key's window is stored.
     pub fn add(
         &mut self,
         key: Key<'_>,
+        partition: u32,
         t: i64,
         values: &[Option<f64>],
         funcs: &[Func],
         out: &mut Vec<Option<f64>>,
     ) {
+        if let Some(c) = &mut self.changed {
+            match key {
+                Key::Int(k) => {
+                    c.ints.insert(k, partition);
+                }
+                Key::Row(k) if !c.rows.contains_key(k) => {
+                    c.rows.insert(k.into(), partition);
+                }
+                Key::Row(_) => {}
+            }
+        }
         let w = match key {
             Key::Int(k) => self.ints.entry(k).or_default(),
             Key::Row(k) => match self.rows.get_mut(k) {
@@ -329,6 +408,7 @@ impl Windows {
                 None => self.rows.entry(k.into()).or_default(),
             },
         };
+        w.partition = partition;
         w.push(t, values, self.size_us);
         out.clear();
         out.extend(funcs.iter().enumerate().map(|(j, f)| w.value(j, values.len(), *f)));
@@ -342,9 +422,52 @@ impl Windows {
             return;
         }
         let horizon = self.newest - self.size_us;
-        self.ints.retain(|_, w| w.latest().is_some_and(|t| t >= horizon));
-        self.rows.retain(|_, w| w.latest().is_some_and(|t| t >= horizon));
+        let stale = |w: &KeyWindow| w.latest().is_none_or(|t| t < horizon);
+        if let Some(c) = &mut self.changed {
+            for (k, w) in self.ints.iter().filter(|(_, w)| stale(w)) {
+                c.ints.insert(*k, w.partition);
+            }
+            for (k, w) in self.rows.iter().filter(|(_, w)| stale(w)) {
+                c.rows.insert(k.clone(), w.partition);
+            }
+        }
+        self.ints.retain(|_, w| !stale(w));
+        self.rows.retain(|_, w| !stale(w));
         self.swept_at = self.newest;
+    }
+
+    /// The keys changed since the last call, as stored (`stride`: the
+    /// rule's aggregate count); a key no longer held is a removal.
+    pub fn changes(&mut self, stride: usize) -> Vec<Stored> {
+        let Some(c) = &mut self.changed else { return Vec::new() };
+        let c = std::mem::take(c);
+        let mut out = Vec::with_capacity(c.ints.len() + c.rows.len());
+        for (k, partition) in c.ints {
+            let value = self.ints.get(&k).map(|w| w.encode(stride));
+            out.push(Stored { partition, key: stored_key(Key::Int(k)), value });
+        }
+        for (k, partition) in c.rows {
+            let value = self.rows.get(&k).map(|w| w.encode(stride));
+            out.push(Stored { partition, key: stored_key(Key::Row(&k)), value });
+        }
+        out
+    }
+
+    /// Puts back a key's window saved by [`Windows::changes`]; false when
+    /// the bytes are not a window of this rule.
+    pub fn restore(&mut self, partition: u32, key: &[u8], value: &[u8], stride: usize) -> bool {
+        let Some(mut w) = KeyWindow::decode(value, stride, self.size_us) else { return false };
+        w.partition = partition;
+        let Some(latest) = w.latest() else { return true };
+        self.newest = self.newest.max(latest);
+        match key.split_first() {
+            Some((b'i', k)) => match <[u8; 8]>::try_from(k) {
+                Ok(k) => self.ints.insert(i64::from_le_bytes(k), w).is_none(),
+                Err(_) => false,
+            },
+            Some((b'r', k)) => self.rows.insert(k.into(), w).is_none(),
+            _ => false,
+        }
     }
 
     pub fn keys(&self) -> usize {
@@ -397,7 +520,7 @@ mod tests {
             let key = (next() % 5) as i64;
             let v = (next() % 4 != 0).then(|| (next() % 1000) as f64 - 300.0);
             seen.push((key, t, v));
-            w.add(Key::Int(key), t, &vec![v; f.len()], f, &mut out);
+            w.add(Key::Int(key), 0, t, &vec![v; f.len()], f, &mut out);
             let live: Vec<Option<f64>> =
                 seen.iter().filter(|(k, at, _)| *k == key && *at >= t - size).map(|e| e.2).collect();
             let vals: Vec<f64> = live.iter().flatten().copied().collect();
@@ -427,7 +550,7 @@ mod tests {
         let s = 1_000_000;
         let mut out = Vec::new();
         let mut add = |w: &mut Windows, key: &[u8], t: i64, v: f64| {
-            w.add(Key::Row(key), t, &[None, Some(v), Some(v)], &f, &mut out);
+            w.add(Key::Row(key), 0, t, &[None, Some(v), Some(v)], &f, &mut out);
             out.clone()
         };
         assert_eq!(add(&mut w, b"a", 0, 1.0), vec![Some(1.0), Some(1.0), Some(1.0)]);
@@ -437,5 +560,48 @@ mod tests {
         add(&mut w, b"a", 75 * s, 1.0);
         w.sweep();
         assert_eq!(w.keys(), 1, "key b fell out of every window");
+    }
+
+    /// Durable windows: the changed keys come back as stored, and a window
+    /// restored from them goes on as the original does; forgotten keys
+    /// come back as removals.
+    #[test]
+    fn stored_windows_restore_to_the_same_state() {
+        let f = [Func::CountAll, Func::Sum, Func::Min, Func::Max];
+        let s = 1_000_000;
+        let mut w = Windows::new(std::time::Duration::from_secs(60));
+        w.make_durable();
+        let mut out = Vec::new();
+        for (i, t) in [0, 10, 20, 30].iter().enumerate() {
+            let v = [None, Some(i as f64), (i != 2).then_some(i as f64), Some(-(i as f64))];
+            w.add(Key::Int(7), 3, t * s, &v, &f, &mut out);
+            w.add(Key::Row(b"ab"), 1, t * s, &v, &f, &mut out);
+        }
+        let changes = w.changes(f.len());
+        assert_eq!(changes.len(), 2);
+        assert!(w.changes(f.len()).is_empty(), "taken once");
+        let mut back = Windows::new(std::time::Duration::from_secs(60));
+        for c in &changes {
+            assert!(back.restore(c.partition, &c.key, c.value.as_deref().unwrap(), f.len()));
+            assert_eq!(c.partition, if c.key[0] == b'i' { 3 } else { 1 });
+        }
+        assert!(
+            !back.restore(0, b"i\0\0\0\0\0\0\0\x01", &changes[0].value.clone().unwrap(), 2),
+            "another stride"
+        );
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let v = [None, Some(5.0), Some(5.0), Some(5.0)];
+        w.add(Key::Int(7), 3, 65 * s, &v, &f, &mut a);
+        back.add(Key::Int(7), 3, 65 * s, &v, &f, &mut b);
+        assert_eq!(a, b);
+        assert_eq!(a, vec![Some(4.0), Some(11.0), Some(1.0), Some(5.0)], "events at 10, 20, 30, 65 s");
+        w.changes(f.len());
+        w.add(Key::Int(8), 3, 200 * s, &v, &f, &mut a);
+        w.sweep();
+        let mut removed: Vec<(Vec<u8>, bool)> =
+            w.changes(f.len()).into_iter().map(|c| (c.key, c.value.is_some())).collect();
+        removed.sort();
+        assert_eq!(removed.len(), 3, "keys 7 and ab forgotten, 8 added");
+        assert!(removed.iter().filter(|(_, kept)| !kept).count() == 2);
     }
 }

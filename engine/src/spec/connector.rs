@@ -55,6 +55,11 @@ pub trait SourceSettings: Settings {
     }
     /// A one-line description for graphs: `oltp.customers`.
     fn detail(&self) -> String;
+    /// For a source read by shards (a stream in a consumer group): how
+    /// many partitions it has, and the column that picks an event's one.
+    fn partitions(&self) -> Option<(u32, Option<&str>)> {
+        None
+    }
     /// Problems of the settings found without connecting.
     fn check(&self, cx: &mut Context);
 }

@@ -104,6 +104,28 @@ impl LoadedRule {
     }
 }
 
+/// On a stream read in partitions, each windowed rule must key its window
+/// by the partition column: every event of a key is then in one partition,
+/// read by one shard, which holds the key's whole window.
+pub fn check_partitioned(set: &[LoadedRule], column: &str, partitions: u32) -> Diagnostics {
+    let mut d = Diagnostics::default();
+    for lr in set.iter().filter(|r| r.rule.enabled) {
+        let Some(w) = &lr.rule.window else { continue };
+        if !w.by.iter().any(|b| b == column) {
+            d.push(lr.error(
+                w.size.pos(),
+                format!(
+                    "rule '{}': its window is keyed by [{}], but the stream has {partitions} partitions by '{column}': \
+                     add '{column}' to 'by', or each shard would see only part of a key's events",
+                    lr.rule.id.value(),
+                    w.by.join(", ")
+                ),
+            ));
+        }
+    }
+    d
+}
+
 /// The files a `rules:` value names: a file, every `.yaml`/`.yml` file in a
 /// folder (not recursive), or a glob. Sorted, so the rule set is stable.
 pub fn files(target: &Path) -> Result<Vec<PathBuf>, String> {

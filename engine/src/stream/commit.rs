@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::sinks::{SinkOp, Stop};
 use super::Summary;
-use crate::connectors::{Acker, Token};
+use crate::connectors::{Acker, Refused, State, Token};
 use crate::error::Result;
 
 /// A transformed batch on its way to the sinks.
@@ -23,6 +23,8 @@ pub(super) struct Commit {
     pub(super) events: u64,
     pub(super) token: Token,
     pub(super) first_at: Instant,
+    /// The window state the batch changed, saved with its acknowledgement.
+    pub(super) state: State,
 }
 
 /// Writes each batch to every sink, then acknowledges it at the source.
@@ -45,17 +47,31 @@ impl Committer {
         stop: watch::Receiver<bool>,
     ) -> (Summary, Result<()>) {
         while let Some(c) = batches.recv().await {
-            let Commit { outputs, events, token, first_at } = c;
-            match self.commit(&outputs, &stop).await {
-                Ok(()) => {}
+            let Commit { outputs, events, token, first_at, state } = c;
+            let refused = match self.commit(&outputs, &stop).await {
+                Ok(refused) => refused,
                 Err(Stop::Interrupted) => {
                     self.summary.unfinished += 1 + batches.len() as u64;
                     return (self.summary, Ok(()));
                 }
                 Err(Stop::Fatal(e)) => return (self.summary, Err(e)),
+            };
+            if !refused.is_empty() {
+                // Stored before the acknowledgement: a batch acknowledged has
+                // lost none of its rows.
+                self.summary.refused += refused.len() as u64;
+                if let Err(e) = self.acker.refuse(refused, &stop).await {
+                    // Only at shutdown: this batch and the ones after it
+                    // stay unacknowledged (window state is saved in order).
+                    tracing::warn!("{e}; the batch will be delivered again");
+                    self.summary.unfinished += 1 + batches.len() as u64;
+                    return (self.summary, Ok(()));
+                }
             }
-            if let Err(e) = self.acker.ack(token, &stop).await {
+            if let Err(e) = self.acker.ack(token, state, &stop).await {
                 tracing::warn!("{e}; the batch will be delivered again");
+                self.summary.unfinished += 1 + batches.len() as u64;
+                return (self.summary, Ok(()));
             }
             metrics::histogram!("engine_batch_latency_seconds").record(first_at.elapsed().as_secs_f64());
             let rows = events;
@@ -70,30 +86,35 @@ impl Committer {
         (self.summary, Ok(()))
     }
 
-    /// Writes one batch's outputs to every sink, all at once.
+    /// Writes one batch's outputs to every sink, all at once; returns the
+    /// rows the sinks refused.
     async fn commit(
         &mut self,
         outputs: &HashMap<String, Vec<RecordBatch>>,
         stop: &watch::Receiver<bool>,
-    ) -> std::result::Result<(), Stop> {
+    ) -> std::result::Result<Vec<Refused>, Stop> {
         let writes = self.sinks.iter_mut().map(|s| {
             let input = outputs.get(&s.input).cloned().unwrap_or_default();
             async move {
                 let started = Instant::now();
-                let n = s.write(&input, stop).await?;
-                tracing::debug!(sink = %s.id, "{n} rows in {:?}", started.elapsed());
-                metrics::counter!("engine_events_in_total", "node" => s.id.clone()).increment(n);
-                Ok::<_, Stop>((s.id.clone(), n))
+                let w = s.write(&input, stop).await?;
+                tracing::debug!(sink = %s.id, "{} rows in {:?}", w.rows, started.elapsed());
+                metrics::counter!("engine_events_in_total", "node" => s.id.clone()).increment(w.rows);
+                metrics::counter!("engine_sink_refused_total", "node" => s.id.clone())
+                    .increment(w.refused.len() as u64);
+                Ok::<_, Stop>((s.id.clone(), w))
             }
         });
+        let mut refused = Vec::new();
         for outcome in futures::future::join_all(writes).await {
-            let (id, n) = outcome?;
+            let (id, w) = outcome?;
             match self.summary.written.iter_mut().find(|(s, _)| *s == id) {
-                Some(w) => w.1 += n,
-                None => self.summary.written.push((id, n)),
+                Some(s) => s.1 += w.rows,
+                None => self.summary.written.push((id, w.rows)),
             }
+            refused.extend(w.refused);
         }
-        Ok(())
+        Ok(refused)
     }
 
     /// A progress line every 10 s.

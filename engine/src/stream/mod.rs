@@ -35,6 +35,8 @@ pub struct StreamOptions {
     pub max_events: Option<u64>,
     /// Stop after this long.
     pub duration: Option<Duration>,
+    /// `--shard I/N`: read the source's partitions `p` with `p mod N == I`.
+    pub shard: Option<(u32, u32)>,
 }
 
 /// What a stream did.
@@ -45,6 +47,8 @@ pub struct Summary {
     pub written: Vec<(String, u64)>,
     /// Batches left unacknowledged by a shutdown while a sink was away.
     pub unfinished: u64,
+    /// Rows sinks refused for their data (sent to the dead letter).
+    pub refused: u64,
 }
 
 /// Runs a stream pipeline until it is told to stop.
@@ -79,6 +83,18 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
         let bound = http::serve(addr, handle, health).await?;
         tracing::info!("metrics on http://{bound}/metrics, health on http://{bound}/health");
     }
+    if let Some((i, n)) = opts.shard {
+        let Some((partitions, _)) = source.settings.partitions() else {
+            return Err(Error::Usage(format!(
+                "--shard {i}/{n}: source '{source_id}' has no partitions to share (a redis stream with a group has)"
+            )));
+        };
+        if i >= partitions {
+            return Err(Error::Usage(format!(
+                "--shard {i}/{n}: source '{source_id}' has {partitions} partitions, and shard {i} of {n} reads the partitions p with p mod {n} = {i}: none"
+            )));
+        }
+    }
     let Some(opener) = registry::stream_source(source.kind, source.settings.as_ref()) else {
         return Err(Error::Usage(format!(
             "source '{source_id}': {} sources run with `engine run`",
@@ -91,15 +107,30 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
         connected: connected.clone(),
         limit: opts.max_events,
         batch: source.batch.clone(),
+        shard: opts.shard,
     };
     let mut reader = opener.open_stream(Node { spec: &plan.spec, id: &source_id }, args)?;
+    let mut acker = reader.acker()?;
+    let mut ex = Executor { ops };
+    if acker.durable() {
+        // Windows start where the last acknowledged batch left them: the
+        // entries not acknowledged then are delivered again, and count once.
+        let saved = acker
+            .load_state()
+            .await
+            .map_err(|e| Error::External { system: format!("source '{source_id}'"), message: e })?;
+        let restored = ex.restore(crate::plan::validate::partitioned(&plan.spec), &saved);
+        if restored > 0 {
+            tracing::info!(source = %source_id, "window state of {restored} keys restored");
+        }
+    }
     // Sinks and acknowledgements run in their own task, so batch N is
     // written while the transforms run on batch N + 1; batches are still
     // committed and acknowledged one at a time, in order.
     let (commit_tx, commit_rx) = mpsc::channel::<Commit>(2);
     let committer = Committer {
         sinks,
-        acker: reader.acker()?,
+        acker,
         summary: Summary::default(),
         last_report: Instant::now(),
         last_events: 0,
@@ -108,7 +139,6 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
         max_events: opts.max_events,
     };
     let committing = tokio::spawn(committer.run(commit_rx, stop_rx.clone()));
-    let mut ex = Executor { ops };
     let mut failure = None;
     loop {
         let d = match reader.next().await {
@@ -127,7 +157,12 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
                 break;
             }
         };
-        if commit_tx.send(Commit { outputs, events, token: d.token, first_at: d.first_at }).await.is_err() {
+        let state = ex.changes();
+        if commit_tx
+            .send(Commit { outputs, events, token: d.token, first_at: d.first_at, state })
+            .await
+            .is_err()
+        {
             break; // the committer stopped: its outcome says why
         }
     }

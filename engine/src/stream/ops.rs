@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
@@ -12,6 +13,8 @@ use datafusion::prelude::SessionContext;
 use petgraph::Direction;
 
 use super::sinks::SinkOp;
+use crate::connectors::redis::partition;
+use crate::connectors::{State, StateWrite};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 use crate::rules::eval::CompiledRules;
@@ -27,14 +30,75 @@ pub(super) struct RulesOp {
     current: Arc<CompiledRules>,
     windows: HashMap<String, Windows>,
     watching: Option<Watching>,
+    /// Durable windows: their changes go with each batch's acknowledgement.
+    durable: Option<Durable>,
+}
+
+/// How a rules transform's window state is stored.
+struct Durable {
+    /// The stream's partitions and the partition column (`None`: one partition).
+    partitioned: Option<(u32, String)>,
 }
 
 impl RulesOp {
+    /// The stored field of a window's key: a hash of this transform and
+    /// the window's signature, then the key.
+    fn field_prefix(&self, signature: &str) -> [u8; 8] {
+        xxhash_rust::xxh3::xxh3_64(format!("{}\0{signature}", self.id).as_bytes()).to_be_bytes()
+    }
+
+    /// Makes the windows durable; `saved` is the state earlier runs stored.
+    fn restore(&mut self, partitioned: Option<(u32, String)>, saved: &[StateWrite]) -> usize {
+        self.durable = Some(Durable { partitioned });
+        for w in self.windows.values_mut() {
+            w.make_durable();
+        }
+        let sigs: Vec<([u8; 8], String, usize)> = self
+            .current
+            .window_signatures()
+            .into_iter()
+            .map(|(sig, stride, _)| (self.field_prefix(sig), sig.to_string(), stride))
+            .collect();
+        let mut restored = 0;
+        for s in saved {
+            let (Some(value), Some((prefix, key))) = (&s.value, s.field.split_first_chunk::<8>()) else {
+                continue;
+            };
+            let Some((_, sig, stride)) = sigs.iter().find(|(p, _, _)| p == prefix) else { continue };
+            if let Some(w) = self.windows.get_mut(sig) {
+                restored += usize::from(w.restore(s.partition, key, value, *stride));
+            }
+        }
+        restored
+    }
+
+    /// The window state changed since the last call, as stored.
+    fn changes(&mut self, state: &mut State) {
+        if self.durable.is_none() {
+            return;
+        }
+        for (sig, stride, size) in self.current.window_signatures() {
+            let prefix = self.field_prefix(sig);
+            let Some(w) = self.windows.get_mut(sig) else { continue };
+            state.keep_for = state.keep_for.max(size + Duration::from_secs(24 * 3600));
+            state.writes.extend(w.changes(stride).into_iter().map(|c| StateWrite {
+                partition: c.partition,
+                field: [prefix.as_slice(), &c.key].concat(),
+                value: c.value,
+            }));
+        }
+    }
+
     fn run(&mut self, input: &[RecordBatch]) -> Result<RecordBatch> {
         if let Some(w) = &mut self.watching {
             if w.rules.has_changed().unwrap_or(false) {
                 let next = w.rules.borrow_and_update().clone();
                 self.windows = next.windows(std::mem::take(&mut self.windows));
+                if self.durable.is_some() {
+                    for w in self.windows.values_mut() {
+                        w.make_durable();
+                    }
+                }
                 self.current = next;
             }
         }
@@ -43,9 +107,18 @@ impl RulesOp {
             _ => concat_batches(&self.current_input_schema(input), input)
                 .map_err(|e| Error::Internal(e.to_string()))?,
         };
+        let partitions = match &self.durable {
+            Some(Durable { partitioned: Some((p, column)) }) => {
+                let i = batch.schema().index_of(column).map_err(|_| {
+                    Error::Internal(format!("transform '{}': partition column '{column}' missing", self.id))
+                })?;
+                Some(partition::of_column(batch.column(i), *p).map_err(Error::Internal)?)
+            }
+            _ => None,
+        };
         let (alerts, hits) = self
             .current
-            .evaluate(&batch, &mut self.windows, now_us())
+            .evaluate(&batch, &mut self.windows, now_us(), partitions.as_deref())
             .map_err(|e| Error::External { system: format!("transform '{}'", self.id), message: e })?;
         for h in hits {
             let mode = if h.mode == crate::spec::rules::RuleMode::Shadow { "shadow" } else { "live" };
@@ -77,6 +150,29 @@ pub(super) struct Executor {
 }
 
 impl Executor {
+    /// Makes every rules transform's windows durable, from the state saved
+    /// by earlier runs; returns how many keys' windows came back.
+    pub(super) fn restore(&mut self, partitioned: Option<(u32, String)>, saved: &[StateWrite]) -> usize {
+        let mut restored = 0;
+        for op in &mut self.ops {
+            if let Op::Rules(r) = op {
+                restored += r.restore(partitioned.clone(), saved);
+            }
+        }
+        restored
+    }
+
+    /// The window state the batches since the last call changed.
+    pub(super) fn changes(&mut self) -> State {
+        let mut state = State::default();
+        for op in &mut self.ops {
+            if let Op::Rules(r) = op {
+                r.changes(&mut state);
+            }
+        }
+        state
+    }
+
     /// Runs one micro-batch through the transforms: every node's output.
     pub(super) async fn batch(
         &mut self,
@@ -143,6 +239,7 @@ pub(super) async fn build(
                     target: plan.spec.resolve(r.rules.value()),
                     schema,
                     key: r.key.value().clone(),
+                    partitioned: crate::plan::validate::partitioned(&plan.spec),
                 };
                 let first = src.load().await.map_err(|e| Error::Usage(format!("transform '{id}': {e}")))?;
                 schemas.insert(id.clone(), first.output_schema());
@@ -156,7 +253,14 @@ pub(super) async fn build(
                     None
                 };
                 tracing::info!(node = %id, version = %current.version, rules = current.total, "rules loaded");
-                ops.push(Op::Rules(RulesOp { id: id.clone(), input, current, windows, watching }));
+                ops.push(Op::Rules(RulesOp {
+                    id: id.clone(),
+                    input,
+                    current,
+                    windows,
+                    watching,
+                    durable: None,
+                }));
             }
             Some(Transform::Sql(t)) => {
                 let inputs: Vec<(String, SchemaRef)> = inputs_of(plan, &id)

@@ -2,12 +2,13 @@
 //! source acknowledges it. A sink whose system is away retries the same
 //! batch with backoff (nothing is dropped, nothing acknowledged meanwhile);
 //! a shutdown during the wait leaves the batch unacknowledged, to be
-//! delivered again.
+//! delivered again. Rows the system refuses for their data are not retried:
+//! they come back with the write, for the source's dead letter.
 
 use datafusion::arrow::record_batch::RecordBatch;
 use tokio::sync::watch;
 
-use crate::connectors::{registry, Backoff, Node, StreamSink};
+use crate::connectors::{registry, Backoff, Node, StreamSink, Written};
 use crate::error::{Error, Result};
 use crate::spec::model::Sink;
 use crate::spec::Spec;
@@ -41,10 +42,10 @@ impl SinkOp {
         &mut self,
         batches: &[RecordBatch],
         shutdown: &watch::Receiver<bool>,
-    ) -> std::result::Result<u64, Stop> {
+    ) -> std::result::Result<Written, Stop> {
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         if rows == 0 {
-            return Ok(0);
+            return Ok(Written::default());
         }
         let mut backoff = Backoff::default();
         let mut failures = 0u32;

@@ -57,8 +57,13 @@ impl Setup {
         let dir = scratch(&format!("stream-{name}"));
         let db = database(&format!("stream_{name}"));
         let stream = format!("it.{name}.{}", std::process::id());
-        let _: () =
-            redis::cmd("DEL").arg(&stream).arg(format!("{stream}.dlq")).query(&mut redis()).expect("DEL");
+        let partitions: Vec<String> = (0..8).map(|p| format!("{stream}:{p}")).collect();
+        let _: () = redis::cmd("DEL")
+            .arg(&stream)
+            .arg(format!("{stream}.dlq"))
+            .arg(&partitions)
+            .query(&mut redis())
+            .expect("DEL");
         std::fs::create_dir_all(dir.join("rules")).expect("rules dir");
         std::fs::copy(repo_dir().join("rules/fraud/large_amount.yaml"), dir.join("rules/large_amount.yaml"))
             .expect("copy rule");
@@ -72,7 +77,7 @@ impl Setup {
                     format!("migrations: \"{}\"", repo_dir().join("migrations/dwh").display()),
                 ),
                 (
-                    "    stream: financial_transactions\n    group: fraud\n",
+                    "    stream: financial_transactions\n    group: fraud\n    partitions: 4\n    partition_by: customer_id\n",
                     format!("    {}\n", source_extra.replace("$STREAM", &stream)),
                 ),
                 (
@@ -185,27 +190,31 @@ fn producer_and_stream_alert_every_large_transaction_exactly_once() {
     let dwh = format!("{}/{db}", server());
     let env = [("REDIS_URL", redis_url()), ("DWH_DATABASE_URL", dwh)];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let _: () = redis::cmd("DEL").arg("financial_transactions").query(&mut redis()).expect("DEL");
+    let partitions: Vec<String> = (0..4).map(|p| format!("financial_transactions:{p}")).collect();
+    let _: () = redis::cmd("DEL").arg(&partitions).query(&mut redis()).expect("DEL");
     let out = super::engine_env(
         &repo,
         &["stream", "pipelines/producer.yaml", "--var", "rate=2000", "--max-events", "3000"],
         &env,
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg("financial_transactions")
-        .arg("-")
-        .arg("+")
-        .query(&mut redis())
-        .expect("XRANGE");
-    assert_eq!(entries.len(), 3000);
     let mut expected = BTreeSet::new();
-    for (_, fields) in &entries {
-        let v: serde_json::Value = serde_json::from_str(&fields[0].1).expect("producer writes JSON");
-        if v["amount"].as_f64().expect("amount") > 2000.0 {
-            expected.insert(format!("large_amount:{}", v["transaction_id"]));
+    let mut total = 0;
+    for (p, key) in partitions.iter().enumerate() {
+        let entries: Vec<(String, Vec<(String, String)>)> =
+            redis::cmd("XRANGE").arg(key).arg("-").arg("+").query(&mut redis()).expect("XRANGE");
+        assert!(!entries.is_empty(), "partition {p} holds events");
+        total += entries.len();
+        for (_, fields) in &entries {
+            let v: serde_json::Value = serde_json::from_str(&fields[0].1).expect("producer writes JSON");
+            let customer = v["customer_id"].as_i64().expect("customer_id").to_string();
+            assert_eq!(crc32(customer.as_bytes()) % 4, p as u32, "customer {customer} in partition {p}");
+            if v["amount"].as_f64().expect("amount") > 2000.0 {
+                expected.insert(format!("large_amount:{}", v["transaction_id"]));
+            }
         }
     }
+    assert_eq!(total, 3000);
     assert!(expected.len() > 50, "about 1 in 20 is above 2000: {}", expected.len());
     let out = super::engine_env(&repo, &["stream", "pipelines/fraud.yaml", "--max-events", "3000"], &env);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -537,4 +546,324 @@ fn two_engines_in_one_group_share_the_stream() {
     assert_eq!(counts.len(), 2, "{}", s.logs());
     assert!(counts.iter().all(|n| *n > 0), "both consumers took a share: {counts:?}");
     assert_eq!(counts.iter().sum::<u64>(), 6000, "each event was read once: {counts:?}");
+}
+
+/// Entries of a dead-letter stream: (payload, reason) per letter.
+fn dead_letters(stream: &str) -> Vec<(String, String)> {
+    let letters: Vec<(String, Vec<(String, String)>)> =
+        redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query(&mut redis()).expect("XRANGE");
+    let field = |fields: &[(String, String)], name: &str| {
+        fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default()
+    };
+    letters.iter().map(|(_, f)| (field(f, "payload"), field(f, "reason"))).collect()
+}
+
+#[test]
+fn rows_the_warehouse_refuses_go_to_the_dead_letter_and_the_rest_load() {
+    let s = Setup::new("refused", "stream: $STREAM\n    group: fraud", None);
+    let engine = s.start(&[]);
+    let migrations = std::fs::read_dir(repo_dir().join("migrations/dwh")).expect("migrations").count();
+    wait_for("the migrations", Duration::from_secs(60), || {
+        psql(&s.db, "SELECT to_regclass('engine_migrations') IS NOT NULL").trim() == "t"
+            && psql(&s.db, "SELECT count(*) FROM engine_migrations WHERE success").trim()
+                == migrations.to_string()
+    });
+    psql(&s.db, "ALTER TABLE fraud_alerts ADD CONSTRAINT below_9000 CHECK (amount < 9000)");
+    let (mut loaded, mut refused) = (BTreeSet::new(), BTreeSet::new());
+    let mut pipe = redis::pipe();
+    for id in 0..1200i64 {
+        let amount = match id {
+            _ if id % 97 == 0 => 9500.0,
+            _ if id % 7 == 0 => 2500.0,
+            _ => 10.0,
+        };
+        match amount {
+            a if a >= 9000.0 => refused.insert(id),
+            a if a > 2000.0 => loaded.insert(format!("large_amount:{id}")),
+            _ => false,
+        };
+        pipe.cmd("XADD")
+            .arg(&s.stream)
+            .arg("*")
+            .arg("payload")
+            .arg(event(id, id % 40, amount, "USD"))
+            .ignore();
+    }
+    let _: () = pipe.query(&mut redis()).expect("XADD");
+    wait_for("every loadable alert, nothing pending", Duration::from_secs(60), || {
+        s.alerts() >= loaded.len() && s.pending() == 0
+    });
+    assert_eq!(stop(engine), 0, "{}", s.logs());
+    assert_eq!(s.alert_ids(), loaded, "every other row loaded");
+    let letters = dead_letters(&format!("{}.dlq", s.stream));
+    let mut dead = BTreeSet::new();
+    for (payload, reason) in &letters {
+        assert!(
+            reason.contains("sink 'alerts_table'")
+                && reason.contains("violates check constraint \"below_9000\"")
+                && reason.contains("23514"),
+            "{reason}"
+        );
+        let row: serde_json::Value = serde_json::from_str(payload).expect("the refused row as JSON");
+        assert_eq!(row["alert_id"], format!("large_amount:{}", row["transaction_id"]));
+        dead.insert(row["transaction_id"].as_i64().expect("transaction_id"));
+    }
+    assert_eq!(dead, refused, "each refused row once in the dead letter");
+    assert_eq!(letters.len(), refused.len());
+}
+
+#[test]
+fn the_last_event_of_a_key_wins_within_a_batch() {
+    let s = Setup::new("last_wins", "stream: $STREAM\n    group: fraud", None);
+    let mut pipe = redis::pipe();
+    for id in 0..100i64 {
+        for amount in [2500.0, 3000.0 + id as f64] {
+            pipe.cmd("XADD").arg(&s.stream).arg("*").arg("payload").arg(event(id, 1, amount, "USD")).ignore();
+        }
+    }
+    let _: () = pipe.query(&mut redis()).expect("XADD");
+    let mut engine = s.start(&["--max-events", "200"]);
+    assert_eq!(engine.wait().expect("engine exits").code(), Some(0), "{}", s.logs());
+    let wrong = psql(&s.db, "SELECT count(*) FROM fraud_alerts WHERE amount <> 3000 + transaction_id");
+    assert_eq!(wrong.trim(), "0", "each alert holds its key's last event");
+    assert_eq!(s.alerts(), 100);
+}
+
+/// CRC-32 (IEEE), bit by bit, as Python's `zlib.crc32`: how a producer
+/// outside the engine picks an event's partition.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+/// An event at `ms` milliseconds after 2026-11-26T10:00:00Z.
+fn event_at(id: i64, customer: i64, amount: f64, ms: i64) -> String {
+    let (s, ms) = (ms / 1000, ms % 1000);
+    format!(
+        r#"{{"transaction_id": {id}, "customer_id": {customer}, "merchant_id": "M000001", "amount": {amount:.2}, "currency": "USD", "timestamp": "2026-11-26T10:{:02}:{:02}.{ms:03}Z"}}"#,
+        s / 60,
+        s % 60
+    )
+}
+
+/// A burst of events over 40 customers at irregular times: (id, customer, ms).
+fn burst(n: i64, seed: u64) -> Vec<(i64, i64, i64)> {
+    let mut x = seed;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut ms = 0;
+    (0..n)
+        .map(|id| {
+            ms += (next() % 40) as i64;
+            (id, (next() % 40) as i64, ms)
+        })
+        .collect()
+}
+
+/// The velocity rule's alerts by a direct count: an event fires when its
+/// customer has at least 5 events in the 3 s up to and including its time.
+fn velocity_alerts(events: &[(i64, i64, i64)]) -> BTreeSet<String> {
+    events
+        .iter()
+        .filter(|(_, c, t)| {
+            events.iter().filter(|(_, c2, t2)| c2 == c && *t2 <= *t && *t2 >= t - 3000).count() >= 5
+        })
+        .map(|(id, _, _)| format!("velocity:{id}"))
+        .collect()
+}
+
+const VELOCITY: &str = "id: velocity\nseverity: medium\nwindow: { by: [customer_id], size: 3s, time: timestamp }\nwhen: count(*) >= 5\n";
+
+/// XADDs `events` to their partitions of `stream`, placed by CRC-32 of the customer id.
+fn produce_partitioned(stream: &str, partitions: u32, events: &[(i64, i64, i64)]) {
+    let mut pipe = redis::pipe();
+    for (id, customer, ms) in events {
+        let p = crc32(customer.to_string().as_bytes()) % partitions;
+        pipe.cmd("XADD")
+            .arg(format!("{stream}:{p}"))
+            .arg("*")
+            .arg("payload")
+            .arg(event_at(*id, *customer, 10.0, *ms))
+            .ignore();
+    }
+    let _: () = pipe.query(&mut redis()).expect("XADD");
+}
+
+/// Entries pending in the group over every partition of the stream.
+fn pending_partitions(stream: &str, partitions: u32) -> i64 {
+    (0..partitions)
+        .map(|p| {
+            let reply: redis::RedisResult<redis::Value> =
+                redis::cmd("XPENDING").arg(format!("{stream}:{p}")).arg("fraud").query(&mut redis());
+            match reply {
+                Ok(redis::Value::Array(v)) => match v.first() {
+                    Some(redis::Value::Int(n)) => *n,
+                    _ => 0,
+                },
+                _ => 0,
+            }
+        })
+        .sum()
+}
+
+/// Whether group `fraud` has read every entry of `stream` and acknowledged it.
+fn group_caught_up(stream: &str) -> bool {
+    let groups: redis::RedisResult<Vec<std::collections::HashMap<String, redis::Value>>> =
+        redis::cmd("XINFO").arg("GROUPS").arg(stream).query(&mut redis());
+    let Ok(groups) = groups else { return false };
+    groups.iter().any(|g| {
+        let int = |k: &str| match g.get(k) {
+            Some(redis::Value::Int(n)) => Some(*n),
+            _ => None,
+        };
+        let name = match g.get("name") {
+            Some(redis::Value::BulkString(b)) => b.as_slice() == b"fraud",
+            Some(redis::Value::SimpleString(s)) => s == "fraud",
+            _ => false,
+        };
+        name && int("pending") == Some(0) && int("lag") == Some(0)
+    })
+}
+
+/// Events each `stream stopped` line of the logs reports.
+fn stopped_counts(logs: &str) -> Vec<u64> {
+    logs.lines()
+        .filter_map(|l| l.strip_prefix("stream stopped: "))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+const PARTITIONED: &str =
+    "stream: $STREAM\n    group: fraud\n    partitions: 6\n    partition_by: customer_id";
+
+#[test]
+fn three_shards_over_six_partitions_give_the_windowed_alerts_of_one_engine_and_of_a_direct_count() {
+    let events = burst(3000, 0x9E37_79B9_7F4A_7C15);
+    let expected = velocity_alerts(&events);
+    assert!(expected.len() > 30 && expected.len() < 2000, "a telling burst: {} alerts", expected.len());
+    let sharded = Setup::new("shards", PARTITIONED, None);
+    let single = Setup::new("shards_one", PARTITIONED, None);
+    for s in [&sharded, &single] {
+        write_rule(&s.dir.join("rules"), "velocity.yaml", VELOCITY);
+    }
+    let mut shards: Vec<Child> = (0..3).map(|i| sharded.start(&["--shard", &format!("{i}/3")])).collect();
+    let one = single.start(&[]);
+    // The burst arrives over about 3 s; shard 1 is killed in the middle of
+    // it and started again.
+    let producer = {
+        let (a, b) = (sharded.stream.clone(), single.stream.clone());
+        let events = events.clone();
+        std::thread::spawn(move || {
+            for chunk in events.chunks(100) {
+                produce_partitioned(&a, 6, chunk);
+                produce_partitioned(&b, 6, chunk);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    wait_for("the first alerts", Duration::from_secs(60), || sharded.alerts() > 0);
+    shards[1].kill().expect("SIGKILL");
+    shards[1].wait().expect("killed");
+    eprintln!("shard 1 killed with {} alerts written", sharded.alerts());
+    std::thread::sleep(Duration::from_millis(300));
+    shards[1] = sharded.start(&["--shard", "1/3"]);
+    producer.join().expect("producer");
+    for s in [&sharded, &single] {
+        wait_for("every alert, nothing pending", Duration::from_secs(90), || {
+            s.alerts() >= expected.len() && pending_partitions(&s.stream, 6) == 0
+        });
+    }
+    for child in shards {
+        assert_eq!(stop(child), 0, "{}", sharded.logs());
+    }
+    assert_eq!(stop(one), 0, "{}", single.logs());
+    assert_eq!(single.alert_ids(), expected, "one engine agrees with the direct count");
+    assert_eq!(sharded.alert_ids(), expected, "three shards, one killed, agree with the direct count");
+    let counts = stopped_counts(&sharded.logs());
+    assert_eq!(counts.len(), 3, "{}", sharded.logs());
+    assert!(counts.iter().all(|n| *n > 0), "every shard read its partitions: {counts:?}");
+    assert_eq!(stopped_counts(&single.logs()), vec![3000], "one engine read every event once");
+}
+
+#[test]
+fn a_restarted_shard_keeps_its_windows_and_counts_a_redelivered_batch_once() {
+    let upstream = server().trim_start_matches("postgres://").rsplit('@').next().expect("host").to_string();
+    let proxy = Proxy::start(&upstream);
+    let dwh = format!("postgres://postgres@127.0.0.1:{}/engine_it_stream_redelivered", proxy.port);
+    let s = Setup::new("redelivered", "stream: $STREAM\n    group: fraud", Some(dwh));
+    write_rule(&s.dir.join("rules"), "velocity.yaml", VELOCITY);
+    let mut c = redis();
+    // Three events of customer 7, committed and acknowledged.
+    for id in 0..3 {
+        xadd(&mut c, &s.stream, &event_at(id, 7, 10.0, id * 100));
+    }
+    let first = s.start(&["--shard", "0/1"]);
+    wait_for("the first entries acknowledged", Duration::from_secs(60), || group_caught_up(&s.stream));
+    // Two more while PostgreSQL is away: read, counted in memory, never
+    // committed, never acknowledged; then the engine is killed.
+    proxy.cut();
+    let mut pipe = redis::pipe();
+    for id in 3..5 {
+        pipe.cmd("XADD").arg(&s.stream).arg("*").arg("payload").arg(event_at(id, 7, 10.0, id * 100)).ignore();
+    }
+    let _: () = pipe.query(&mut c).expect("XADD");
+    wait_for("the sink to retry", Duration::from_secs(30), || s.logs().contains("retrying"));
+    let mut first = first;
+    first.kill().expect("SIGKILL");
+    first.wait().expect("killed");
+    assert!(s.pending() > 0, "the last entries wait, unacknowledged");
+    proxy.restore();
+    let second = s.start(&["--shard", "0/1"]);
+    wait_for("nothing pending", Duration::from_secs(60), || s.pending() == 0 && s.alerts() > 0);
+    assert_eq!(stop(second), 0, "{}", s.logs());
+    // In order: the 5th event has 5 in its 3 s window, the 4th only 4. Empty
+    // windows after the restart would give no alert; the two redelivered
+    // events counted twice would fire on the 4th too.
+    assert_eq!(s.alert_ids(), BTreeSet::from(["velocity:4".to_string()]), "{}", s.logs());
+    assert!(s.logs().contains("window state of 1 keys restored"), "{}", s.logs());
+}
+
+#[test]
+fn validation_refuses_a_window_not_keyed_by_the_partition_column() {
+    let s = Setup::new(
+        "shard_key",
+        "stream: $STREAM\n    group: fraud\n    partitions: 4\n    partition_by: merchant_id",
+        None,
+    );
+    write_rule(&s.dir.join("rules"), "velocity.yaml", VELOCITY);
+    let out = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .current_dir(&s.dir)
+        .args(["validate", "fraud.yaml"])
+        .output()
+        .expect("engine runs");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("rules/velocity.yaml:3:") && err.contains("rule 'velocity': its window is keyed by [customer_id], but the stream has 4 partitions by 'merchant_id'"),
+        "{err}"
+    );
+    std::fs::remove_file(s.dir.join("rules/velocity.yaml")).expect("remove rule");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_engine"))
+            .current_dir(&s.dir)
+            .args(args)
+            .output()
+            .expect("engine runs")
+    };
+    let out = run(&["stream", "fraud.yaml", "--shard", "5/8"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("has 4 partitions, and shard 5 of 8 reads"), "{}", text(&out.stderr));
+    let out = run(&["stream", "fraud.yaml", "--shard", "3/3"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("bad shard '3/3'"), "{}", text(&out.stderr));
 }

@@ -22,7 +22,11 @@ pub fn json_rows(batches: &[RecordBatch]) -> std::result::Result<Vec<Vec<u8>>, S
 
 /// Rows as one JSON array of objects.
 pub fn json_array(batches: &[RecordBatch]) -> std::result::Result<String, String> {
-    let rows = json_rows(batches)?;
+    join_array(&json_rows(batches)?)
+}
+
+/// JSON objects (from [`json_rows`]) as one JSON array.
+pub fn join_array(rows: &[Vec<u8>]) -> std::result::Result<String, String> {
     let mut out = Vec::with_capacity(rows.iter().map(|r| r.len() + 1).sum::<usize>() + 2);
     out.push(b'[');
     for (i, r) in rows.iter().enumerate() {

@@ -21,7 +21,7 @@ use datafusion::execution::SendableRecordBatchStream;
 use futures::StreamExt;
 
 use super::codec::{json_array, json_rows};
-use super::{Backoff, BatchSink, Node, OpenStreamSink, StreamSink};
+use super::{Backoff, BatchSink, Node, OpenStreamSink, StreamSink, Written};
 use crate::error::{Error, Result};
 use crate::spec::redact::redact_url;
 use config::{HttpSink, Method, Per};
@@ -209,13 +209,13 @@ struct Pending {
 
 #[async_trait::async_trait]
 impl StreamSink for Streaming {
-    async fn write(&mut self, batches: &[RecordBatch]) -> Result<u64> {
+    async fn write(&mut self, batches: &[RecordBatch]) -> Result<Written> {
         let mut p = match self.pending.take() {
             Some(p) => p,
             None => Pending { bodies: self.endpoint.bodies(batches)?, next: 0, sent: 0 },
         };
         match self.endpoint.attempt(&p.bodies, &mut p.next, &mut p.sent).await {
-            Ok(()) => Ok(p.sent),
+            Ok(()) => Ok(Written::all(p.sent)),
             Err(e) => {
                 self.pending = Some(p);
                 Err(e)

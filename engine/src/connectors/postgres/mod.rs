@@ -94,7 +94,10 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::SessionContext;
 
-use super::{BatchSink, BatchSource, Ledger, Load, Node, OpenStreamSink, Probe, StreamSink, Transaction};
+use super::{
+    BatchSink, BatchSource, Ledger, Load, Node, OpenStreamSink, Probe, Refused, StreamSink, Transaction,
+    Written,
+};
 use crate::spec::Spec;
 
 #[async_trait::async_trait]
@@ -172,6 +175,7 @@ impl OpenStreamSink for PostgresSink {
             url: c.url.clone(),
             sink: self.clone(),
             conn: None,
+            split: None,
         }))
     }
 }
@@ -184,27 +188,90 @@ struct PgStream {
     url: String,
     sink: PostgresSink,
     conn: Option<(PgConnection, sink::StreamTarget)>,
+    /// The batch being written, kept while the database is away so that a
+    /// retry goes on where the last attempt stopped.
+    split: Option<Split>,
+}
+
+/// A batch's rows and the ranges of them still to write. A statement the
+/// database refuses for its data is split in halves until each refused row
+/// stands alone; the rest are written.
+struct Split {
+    rows: Vec<Vec<u8>>,
+    todo: Vec<std::ops::Range<usize>>,
+    done: Written,
 }
 
 #[async_trait::async_trait]
 impl StreamSink for PgStream {
-    async fn write(&mut self, batches: &[RecordBatch]) -> Result<u64> {
-        let json = super::codec::json_array(batches).map_err(Error::Internal)?;
-        let (c, target) = match &mut self.conn {
-            Some(c) => c,
+    async fn write(&mut self, batches: &[RecordBatch]) -> Result<Written> {
+        let mut split = match self.split.take() {
+            Some(s) => s,
             None => {
-                let mut c = connect(&self.name, &self.url).await?;
-                let target =
-                    sink::StreamTarget::new(&mut c, &self.id, &self.sink, &batches[0].schema()).await?;
-                self.conn.insert((c, target))
+                let rows = super::codec::json_rows(batches).map_err(Error::Internal)?;
+                let whole = 0..rows.len();
+                Split { todo: std::iter::once(whole).collect(), rows, done: Written::default() }
             }
         };
-        match target.write(c, &json).await {
-            Ok(()) => Ok(batches.iter().map(|b| b.num_rows() as u64).sum()),
-            Err(e) => {
-                self.conn = None; // opened again (and the table checked again) on the next attempt
-                Err(external(&self.name, &self.url, e))
+        while let Some(range) = split.todo.pop() {
+            let (c, target) = match &mut self.conn {
+                Some(c) => c,
+                None => {
+                    let opened = async {
+                        let mut c = connect(&self.name, &self.url).await?;
+                        let target =
+                            sink::StreamTarget::new(&mut c, &self.id, &self.sink, &batches[0].schema())
+                                .await?;
+                        Ok::<_, Error>((c, target))
+                    };
+                    match opened.await {
+                        Ok(c) => self.conn.insert(c),
+                        Err(e) => {
+                            split.todo.push(range);
+                            self.split = Some(split);
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            let json = super::codec::join_array(&split.rows[range.clone()]).map_err(Error::Internal)?;
+            match target.write(c, &json).await {
+                Ok(()) => split.done.rows += range.len() as u64,
+                Err(e) if sink::refused_for_data(&e) => {
+                    if range.len() == 1 {
+                        split.done.refused.push(Refused {
+                            sink: self.id.clone(),
+                            row: split.rows[range.start].clone(),
+                            reason: refusal(&e),
+                        });
+                    } else {
+                        let mid = range.start + range.len() / 2;
+                        split.todo.push(mid..range.end);
+                        split.todo.push(range.start..mid);
+                    }
+                }
+                Err(e) => {
+                    self.conn = None; // opened again (and the table checked again) on the next attempt
+                    split.todo.push(range);
+                    self.split = Some(split);
+                    return Err(external(&self.name, &self.url, e));
+                }
             }
         }
+        if !split.done.refused.is_empty() {
+            tracing::warn!(sink = %self.id, "{} rows refused by the database", split.done.refused.len());
+        }
+        Ok(split.done)
+    }
+}
+
+/// The database's reason for refusing a row, with its SQLSTATE.
+fn refusal(e: &sqlx::Error) -> String {
+    match e.as_database_error() {
+        Some(d) => match d.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", d.message()),
+            None => d.message().to_string(),
+        },
+        None => e.to_string(),
     }
 }

@@ -353,10 +353,12 @@ impl StreamTarget {
         let source = format!("json_populate_recordset(NULL::{table}, $1::json)");
         let sql = match (sink.mode, &sink.key) {
             (WriteMode::Upsert, Some(key)) => {
-                // One row per key: a batch may carry an event twice.
+                // One row per key: a batch may carry an event twice, and
+                // the last one wins, as it would over two batches.
                 let keys = key.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", ");
                 format!(
-                    "INSERT INTO {table} ({cols}) SELECT DISTINCT ON ({keys}) {cols} FROM {source} {}",
+                    "INSERT INTO {table} ({cols}) SELECT DISTINCT ON ({keys}) {cols} \
+                     FROM {source} WITH ORDINALITY AS engine_rows ORDER BY {keys}, engine_rows.ordinality DESC {}",
                     on_conflict(&table, &target.columns, key)
                 )
             }
@@ -369,6 +371,16 @@ impl StreamTarget {
     pub async fn write(&self, conn: &mut PgConnection, json: &str) -> std::result::Result<(), sqlx::Error> {
         sqlx::query(sqlx::AssertSqlSafe(self.sql.clone())).bind(json).execute(conn).await.map(|_| ())
     }
+}
+
+/// Whether PostgreSQL refused a statement for the data it carried
+/// (SQLSTATE class 22, data exception: a value out of range, a bad cast;
+/// class 23, integrity constraint violation: CHECK, NOT NULL, foreign key,
+/// unique). Sending the same rows again cannot succeed.
+pub fn refused_for_data(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
 }
 
 /// Whether the table is empty now (after a replace's TRUNCATE it is).

@@ -56,6 +56,14 @@ pub struct RedisSource {
     /// The consumer group (streams).
     #[serde(default)]
     pub group: Option<String>,
+    /// Partitions of the stream (default 1): partition `p` is the Redis
+    /// stream `<stream>:<p>`; with 1, the plain `<stream>`.
+    #[serde(default)]
+    pub partitions: Option<u32>,
+    /// The column whose value picks an event's partition: CRC-32 of its
+    /// text (integers in decimal) modulo `partitions`.
+    #[serde(default)]
+    pub partition_by: Option<String>,
     /// This process's consumer name in the group; defaults to host and pid.
     #[serde(default)]
     pub consumer: Option<String>,
@@ -99,9 +107,17 @@ pub struct RedisSink {
     /// XADD to this stream, message in field `payload`.
     #[serde(default)]
     pub stream: Option<String>,
-    /// Trim the stream to about this many entries.
+    /// Trim the stream to about this many entries (each partition's).
     #[serde(default)]
     pub maxlen: Option<u64>,
+    /// Partitions of the stream (default 1): a row goes to the Redis stream
+    /// `<stream>:<p>`, `p` picked by `partition_by`, as a source reads them.
+    #[serde(default)]
+    pub partitions: Option<u32>,
+    /// The column whose value picks a row's partition: CRC-32 of its text
+    /// (integers in decimal) modulo `partitions`.
+    #[serde(default)]
+    pub partition_by: Option<String>,
     /// Message format.
     #[serde(default)]
     pub format: MessageFormat,
@@ -129,7 +145,20 @@ impl SourceSettings for RedisSource {
         format!("{}.{what}", self.connection.value())
     }
 
+    fn partitions(&self) -> Option<(u32, Option<&str>)> {
+        self.stream.as_ref()?;
+        Some((self.partitions.unwrap_or(1), self.partition_by.as_deref()))
+    }
+
     fn check(&self, cx: &mut Context) {
+        check_partitions(cx, self.stream.is_some(), self.partitions, self.partition_by.as_deref());
+        if let Some(col) = &self.partition_by {
+            if !self.schema.contains_key(col) {
+                let cols: Vec<String> = self.schema.keys().cloned().collect();
+                let hint = crate::spec::rules::column_hint(col, &cols);
+                cx.error_here(format!("'partition_by' column '{col}' is not in the schema{hint}"));
+            }
+        }
         match (&self.channel, &self.stream) {
             (Some(_), Some(_)) | (None, None) => {
                 cx.error_here("give either 'channel' (Pub/Sub) or 'stream' (Redis Streams)")
@@ -171,5 +200,19 @@ impl SinkSettings for RedisSink {
         if self.channel.is_some() == self.stream.is_some() {
             cx.error_here("give either 'channel' (PUBLISH) or 'stream' (XADD)");
         }
+        check_partitions(cx, self.stream.is_some(), self.partitions, self.partition_by.as_deref());
+    }
+}
+
+/// `partitions` and `partition_by`, which go together and with `stream`.
+fn check_partitions(cx: &mut Context, stream: bool, partitions: Option<u32>, by: Option<&str>) {
+    match partitions {
+        None => {}
+        Some(_) if !stream => cx.error_here("'partitions' applies to 'stream', not to 'channel'"),
+        Some(0) => cx.error_here("'partitions' must be at least 1"),
+        Some(p) if p > 1 && by.is_none() => cx.error_here(format!(
+            "'partitions: {p}' needs 'partition_by', the column whose value picks an event's partition"
+        )),
+        Some(_) => {}
     }
 }

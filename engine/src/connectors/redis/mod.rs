@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod dead_letter;
+pub mod partition;
 pub mod sink;
 pub mod source;
 pub mod subscriber;
@@ -93,14 +94,14 @@ pub fn entries(reply: redis::Value) -> Vec<Entry> {
         .collect()
 }
 
-/// Entries of an XREADGROUP reply for one stream: `[[key, entries]]`, or nil.
-pub fn read_reply(reply: redis::Value) -> Vec<Entry> {
+/// Entries of an XREADGROUP reply, per stream: `[[key, entries], ...]`, or nil.
+pub fn read_reply(reply: redis::Value) -> Vec<(String, Vec<Entry>)> {
     array(reply)
         .into_iter()
-        .flat_map(|stream| {
+        .filter_map(|stream| {
             let mut parts = array(stream).into_iter();
-            let _key = parts.next();
-            parts.next().map(entries).unwrap_or_default()
+            let key = owned_text(parts.next()?)?;
+            Some((key, parts.next().map(entries).unwrap_or_default()))
         })
         .collect()
 }
@@ -111,7 +112,8 @@ use datafusion::arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    Acker, Backoff, Delivery, Node, OpenStream, OpenStreamSink, StreamArgs, StreamSink, StreamSource, Token,
+    Acker, Backoff, Delivery, Node, OpenStream, OpenStreamSink, Refused, State, StateWrite, StreamArgs,
+    StreamSink, StreamSource, Token, Written,
 };
 use crate::spec::model::BatchSpec;
 use config::{RedisConnection, RedisSink, RedisSource};
@@ -121,23 +123,40 @@ impl RedisSource {
         &self,
         node: Node<'_>,
         batch: Option<&BatchSpec>,
+        shard: Option<(u32, u32)>,
     ) -> crate::error::Result<source::Config> {
         let (name, c) = node.connection::<RedisConnection>(&self.connection)?;
         let max_rows = batch.and_then(|b| b.max_rows).unwrap_or(1000).max(1) as usize;
         let max_wait = batch.and_then(|b| b.max_wait.as_ref()).map_or(Duration::from_millis(50), |w| w.get());
         let reclaim_after = self.reclaim_after.as_ref().map_or(Duration::from_secs(30), |r| r.get());
-        let consumer = self.consumer.clone().unwrap_or_else(|| {
-            let host =
-                std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-            let host = if host.is_empty() { "engine".to_string() } else { host };
-            format!("{host}-{}", std::process::id())
-        });
+        // A shard's consumer name is the same in every run, so a restarted
+        // shard takes its predecessor's pending entries back at once.
+        let consumer = match (shard, &self.consumer) {
+            (Some((i, _)), Some(c)) => format!("{c}-shard-{i}"),
+            (Some((i, _)), None) => format!("shard-{i}"),
+            (None, Some(c)) => c.clone(),
+            (None, None) => {
+                let host = std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_default();
+                let host = if host.is_empty() { "engine".to_string() } else { host };
+                format!("{host}-{}", std::process::id())
+            }
+        };
+        let partitions = self.partitions.unwrap_or(1);
+        let streams = match &self.stream {
+            Some(stream) => partition::owned(partitions, shard)
+                .into_iter()
+                .map(|p| partition::stream_key(stream, p, partitions))
+                .collect(),
+            None => Vec::new(),
+        };
         Ok(source::Config {
             node: node.id.to_string(),
             connection: name.to_string(),
             url: c.url.clone(),
             channel: self.channel.clone(),
-            stream: self.stream.clone(),
+            streams,
             group: self.group.clone().unwrap_or_default(),
             consumer,
             field: self.field.clone(),
@@ -152,18 +171,27 @@ impl RedisSource {
 
 impl OpenStream for RedisSource {
     fn open_stream(&self, node: Node<'_>, args: StreamArgs) -> crate::error::Result<Box<dyn StreamSource>> {
-        let cfg = self.reader_config(node, args.batch.as_ref())?;
-        let ack = match (&self.stream, &self.group) {
-            (Some(stream), Some(group)) => {
-                Some((client(&cfg.connection, &cfg.url)?, stream.clone(), group.clone()))
-            }
-            _ => None,
+        let cfg = self.reader_config(node, args.batch.as_ref(), args.shard)?;
+        let partitions = self.partitions.unwrap_or(1);
+        let acker = Xack {
+            client: client(&cfg.connection, &cfg.url)?,
+            target: match (&self.stream, &self.group) {
+                (Some(stream), Some(group)) => Some(AckTarget {
+                    stream: stream.clone(),
+                    partitions,
+                    owned: partition::owned(partitions, args.shard),
+                    group: group.clone(),
+                }),
+                _ => None,
+            },
+            dead: dead_letter::DeadLetters::new(node.spec, node.id, self.dead_letter.as_ref()),
+            conn: None,
         };
         let dead = dead_letter::DeadLetters::new(node.spec, node.id, self.dead_letter.as_ref());
         let (tx, rx) = mpsc::channel::<Delivery>(4);
         let control = source::Control { shutdown: args.shutdown, connected: args.connected };
         let task = tokio::spawn(source::run(cfg, args.schema, dead, tx, control));
-        Ok(Box::new(Reading { rx, task: Some(task), ack }))
+        Ok(Box::new(Reading { rx, task: Some(task), acker: std::sync::Mutex::new(Some(acker)) }))
     }
 }
 
@@ -172,8 +200,8 @@ impl OpenStream for RedisSource {
 struct Reading {
     rx: mpsc::Receiver<Delivery>,
     task: Option<tokio::task::JoinHandle<crate::error::Result<()>>>,
-    /// Stream, group and client to acknowledge with (streams only).
-    ack: Option<(redis::Client, String, String)>,
+    /// Handed to the stream once.
+    acker: std::sync::Mutex<Option<Xack>>,
 }
 
 #[async_trait::async_trait]
@@ -189,44 +217,170 @@ impl StreamSource for Reading {
     }
 
     fn acker(&self) -> crate::error::Result<Box<dyn Acker>> {
-        Ok(Box::new(Xack { target: self.ack.clone(), conn: None }))
+        let taken = self.acker.lock().map_err(|_| Error::Internal("acker lock".into()))?.take();
+        match taken {
+            Some(a) => Ok(Box::new(a)),
+            None => Err(Error::Internal("the source's acker was taken twice".into())),
+        }
     }
 }
 
-/// Acknowledges stream entries (XACK) once their batch is committed.
+/// Acknowledges stream entries (XACK) once their batch is committed, and
+/// sends rows a sink refused to the source's dead letter first. Window state
+/// is stored beside each partition's stream, in a hash
+/// `{<partition stream>}:windows:<group>` (the braces keep both in one
+/// Redis Cluster slot), written in the same MULTI/EXEC as the XACK.
 struct Xack {
-    target: Option<(redis::Client, String, String)>,
+    client: redis::Client,
+    target: Option<AckTarget>,
+    dead: dead_letter::DeadLetters,
     conn: Option<redis::aio::MultiplexedConnection>,
+}
+
+/// The stream read, in partitions, and the group to acknowledge in.
+#[derive(Clone)]
+struct AckTarget {
+    stream: String,
+    partitions: u32,
+    /// The partitions read, in the order of the source's streams.
+    owned: Vec<u32>,
+    group: String,
+}
+
+impl AckTarget {
+    fn stream_key(&self, p: u32) -> String {
+        partition::stream_key(&self.stream, p, self.partitions)
+    }
+
+    fn state_key(&self, p: u32) -> String {
+        format!("{{{}}}:windows:{}", self.stream_key(p), self.group)
+    }
 }
 
 #[async_trait::async_trait]
 impl Acker for Xack {
     /// Retries while Redis is away (until shutdown: the entries then stay
     /// pending and are delivered again, which sinks absorb).
-    async fn ack(&mut self, token: Token, stop: &watch::Receiver<bool>) -> Result<(), String> {
-        let Some((client, stream, group)) = &self.target else { return Ok(()) };
-        let ids: Vec<String> = token.take().unwrap_or_default();
-        let mut backoff = Backoff::default();
-        loop {
-            let conn = match &mut self.conn {
-                Some(c) => Ok(c),
-                None => connect(client, Duration::ZERO).await.map(|c| self.conn.insert(c)),
-            };
-            let outcome = match conn {
-                Ok(c) => source::ack(c, stream, group, &ids).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match outcome {
-                Ok(()) => return Ok(()),
-                Err(e) if *stop.borrow() => return Err(format!("cannot acknowledge: {e}")),
-                Err(e) => {
-                    self.conn = None;
-                    let wait = backoff.wait();
-                    tracing::warn!("cannot acknowledge {} entries: {e}; retrying in {wait:?}", ids.len());
-                    tokio::time::sleep(wait).await;
-                }
+    async fn ack(&mut self, token: Token, state: State, stop: &watch::Receiver<bool>) -> Result<(), String> {
+        let Some(target) = self.target.clone() else { return Ok(()) };
+        let ids: Vec<(usize, String)> = token.take().unwrap_or_default();
+        let mut per_stream: Vec<Vec<String>> = vec![Vec::new(); target.owned.len()];
+        for (s, id) in ids {
+            if let Some(v) = per_stream.get_mut(s) {
+                v.push(id);
             }
         }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut touched: Vec<u32> = state.writes.iter().map(|w| w.partition).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        for w in &state.writes {
+            let key = target.state_key(w.partition);
+            match &w.value {
+                Some(v) => pipe.cmd("HSET").arg(key).arg(w.field.as_slice()).arg(v.as_slice()).ignore(),
+                None => pipe.cmd("HDEL").arg(key).arg(w.field.as_slice()).ignore(),
+            };
+        }
+        for p in touched {
+            let ms = state.keep_for.as_millis().max(1) as u64;
+            pipe.cmd("PEXPIRE").arg(target.state_key(p)).arg(ms).ignore();
+        }
+        for (p, ids) in target.owned.iter().zip(&per_stream) {
+            for chunk in ids.chunks(10_000) {
+                pipe.cmd("XACK").arg(target.stream_key(*p)).arg(&target.group).arg(chunk).ignore();
+            }
+        }
+        let what = format!("acknowledge {} entries", per_stream.iter().map(Vec::len).sum::<usize>());
+        let mut backoff = Backoff::default();
+        loop {
+            let outcome = match self.connection().await {
+                Ok(c) => pipe.query_async::<()>(c).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            if let Some(done) = self.settle(outcome, &what, &mut backoff, stop).await {
+                return done;
+            }
+        }
+    }
+
+    fn durable(&self) -> bool {
+        self.target.is_some()
+    }
+
+    async fn load_state(&mut self) -> Result<Vec<StateWrite>, String> {
+        let Some(target) = self.target.clone() else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for p in &target.owned {
+            let c = self.connection().await?;
+            let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
+                .arg(target.state_key(*p))
+                .query_async(c)
+                .await
+                .map_err(|e| format!("cannot read window state of '{}': {e}", target.stream_key(*p)))?;
+            out.extend(fields.into_iter().map(|(field, value)| StateWrite {
+                partition: *p,
+                field,
+                value: Some(value),
+            }));
+        }
+        Ok(out)
+    }
+
+    async fn refuse(&mut self, rows: Vec<Refused>, stop: &watch::Receiver<bool>) -> Result<(), String> {
+        let letters: Vec<dead_letter::Letter> = rows
+            .into_iter()
+            .map(|r| dead_letter::Letter {
+                payload: r.row,
+                reason: format!("sink '{}' refused the row: {}", r.sink, r.reason),
+                entry_id: None,
+            })
+            .collect();
+        let what = format!("store {} refused rows", letters.len());
+        let mut backoff = Backoff::default();
+        loop {
+            let outcome = match self.connection().await {
+                Ok(c) => {
+                    let mut c = c.clone();
+                    self.dead.write(&mut c, &letters).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Some(done) = self.settle(outcome, &what, &mut backoff, stop).await {
+                return done;
+            }
+        }
+    }
+}
+
+impl Xack {
+    /// One attempt's outcome: done (`Some`), or, while Redis is away and
+    /// no shutdown came, a wait with backoff before the next (`None`).
+    async fn settle(
+        &mut self,
+        outcome: Result<(), String>,
+        what: &str,
+        backoff: &mut Backoff,
+        stop: &watch::Receiver<bool>,
+    ) -> Option<Result<(), String>> {
+        match outcome {
+            Ok(()) => Some(Ok(())),
+            Err(e) if *stop.borrow() => Some(Err(format!("cannot {what}: {e}"))),
+            Err(e) => {
+                self.conn = None;
+                let wait = backoff.wait();
+                tracing::warn!("cannot {what}: {e}; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                None
+            }
+        }
+    }
+
+    async fn connection(&mut self) -> Result<&mut redis::aio::MultiplexedConnection, String> {
+        if self.conn.is_none() {
+            self.conn = Some(connect(&self.client, Duration::ZERO).await.map_err(|e| e.to_string())?);
+        }
+        self.conn.as_mut().ok_or_else(|| "no connection".to_string())
     }
 }
 
@@ -234,6 +388,7 @@ impl OpenStreamSink for RedisSink {
     fn open_stream(&self, node: Node<'_>) -> crate::error::Result<Box<dyn StreamSink>> {
         let (name, c) = node.connection::<RedisConnection>(&self.connection)?;
         Ok(Box::new(Publishing {
+            id: node.id.to_string(),
             client: client(name, &c.url)?,
             name: name.to_string(),
             url: c.url.clone(),
@@ -245,6 +400,7 @@ impl OpenStreamSink for RedisSink {
 
 /// A redis sink of a stream, on one connection manager.
 struct Publishing {
+    id: String,
     client: redis::Client,
     name: String,
     url: String,
@@ -254,13 +410,21 @@ struct Publishing {
 
 #[async_trait::async_trait]
 impl StreamSink for Publishing {
-    async fn write(&mut self, batches: &[RecordBatch]) -> crate::error::Result<u64> {
+    async fn write(&mut self, batches: &[RecordBatch]) -> crate::error::Result<Written> {
         let ext = |e: &dyn std::fmt::Display| external(&self.name, &self.url, e);
+        if let (Some(col), true) = (&self.sink.partition_by, self.sink.partitions.unwrap_or(1) > 1) {
+            if batches[0].schema().index_of(col).is_err() {
+                return Err(Error::Usage(format!(
+                    "sink '{}': partition_by column '{col}' is not in its input",
+                    self.id
+                )));
+            }
+        }
         let c = match &mut self.conn {
             Some(c) => c,
             None => self.conn.insert(self.client.get_connection_manager().await.map_err(|e| ext(&e))?),
         };
-        sink::write(c, &self.sink, batches).await.map_err(|e| ext(&e))
+        sink::write(c, &self.sink, batches).await.map(Written::all).map_err(|e| ext(&e))
     }
 }
 
@@ -279,7 +443,10 @@ mod tests {
                 Array(vec![b("2-0"), Nil]),
             ]),
         ])]);
-        let e = read_reply(reply);
+        let mut streams = read_reply(reply);
+        assert_eq!(streams.len(), 1);
+        let (key, e) = streams.remove(0);
+        assert_eq!(key, "s");
         assert_eq!(e.len(), 2);
         assert_eq!(e[0].0, "1-0");
         assert_eq!(e[0].1.as_ref().unwrap()[0], (b"payload".to_vec(), b"{}".to_vec()));

@@ -1,5 +1,6 @@
 //! The redis sink: each row as one JSON message, PUBLISHed on a channel or
-//! XADDed to a stream (field `payload`), a batch in one pipeline.
+//! XADDed to a stream (field `payload`), a batch in one pipeline. With
+//! `partitions`, a row goes to its partition's stream (see [`super::partition`]).
 
 use datafusion::arrow::record_batch::RecordBatch;
 
@@ -15,12 +16,24 @@ pub async fn write(
     if rows.is_empty() {
         return Ok(0);
     }
+    let partitions = sink.partitions.unwrap_or(1);
+    let mut parts = Vec::with_capacity(rows.len());
+    if let (true, Some(col)) = (partitions > 1, &sink.partition_by) {
+        for b in batches {
+            let i = b
+                .schema()
+                .index_of(col)
+                .map_err(|_| format!("partition_by column '{col}' is not in the input"))?;
+            parts.extend(super::partition::of_column(b.column(i), partitions)?);
+        }
+    }
     let mut pipe = redis::pipe();
-    for row in &rows {
+    for (i, row) in rows.iter().enumerate() {
         match (&sink.channel, &sink.stream) {
             (Some(ch), _) => pipe.cmd("PUBLISH").arg(ch).arg(row.as_slice()).ignore(),
             (None, Some(st)) => {
-                let cmd = pipe.cmd("XADD").arg(st);
+                let key = super::partition::stream_key(st, parts.get(i).copied().unwrap_or(0), partitions);
+                let cmd = pipe.cmd("XADD").arg(key);
                 if let Some(n) = sink.maxlen {
                     cmd.arg("MAXLEN").arg("~").arg(n);
                 }

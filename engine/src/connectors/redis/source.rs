@@ -1,8 +1,9 @@
 //! The redis stream source: reads messages, decodes them into micro-batches
 //! (`batch: {max_rows, max_wait}`) and hands each batch, with the stream entry
-//! ids it holds, to the executor. Refused messages go to the dead letter at
-//! once. On a lost connection it reconnects with backoff; the batch being
-//! filled is kept.
+//! ids it holds, to the executor. A partitioned stream is read as the
+//! partitions' streams this shard owns, in one XREADGROUP. Refused messages
+//! go to the dead letter at once. On a lost connection it reconnects with
+//! backoff; the batch being filled is kept.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,7 +26,8 @@ pub struct Config {
     pub connection: String,
     pub url: String,
     pub channel: Option<String>,
-    pub stream: Option<String>,
+    /// The Redis streams read (the partitions this shard owns); empty for a channel.
+    pub streams: Vec<String>,
     pub group: String,
     pub consumer: String,
     pub field: String,
@@ -53,7 +55,7 @@ pub async fn run(
 ) -> crate::error::Result<()> {
     let client = super::client(&cfg.connection, &cfg.url)?;
     let mut r = Reader {
-        cursor: "-".into(),
+        cursors: vec!["-".to_string(); cfg.streams.len()],
         own_done: false,
         decoder: Decoder::new(schema, cfg.max_message_bytes),
         ids: vec![],
@@ -62,9 +64,10 @@ pub async fn run(
     };
     let mut backoff = Backoff::default();
     loop {
-        let outcome = match r.cfg.stream.clone() {
-            Some(stream) => r.read_stream(&client, &stream, &mut dead, &out, &mut ctl, &mut backoff).await,
-            None => r.read_channel(&client, &mut dead, &out, &mut ctl, &mut backoff).await,
+        let outcome = if r.cfg.streams.is_empty() {
+            r.read_channel(&client, &mut dead, &out, &mut ctl, &mut backoff).await
+        } else {
+            r.read_stream(&client, &mut dead, &out, &mut ctl, &mut backoff).await
         };
         ctl.connected.store(false, Ordering::Relaxed);
         metrics::gauge!("engine_source_connected", "source" => r.cfg.node.clone()).set(0.0);
@@ -88,11 +91,13 @@ pub async fn run(
 }
 
 struct Reader {
-    /// Where the pass over this consumer's own pending entries goes on.
-    cursor: String,
+    /// Per stream, where the pass over this consumer's own pending entries goes on.
+    cursors: Vec<String>,
     own_done: bool,
     decoder: Decoder,
-    ids: Vec<String>,
+    /// The entries of the batch being filled: the stream's place in
+    /// `cfg.streams`, and the entry id.
+    ids: Vec<(usize, String)>,
     first_at: Option<Instant>,
     cfg: Config,
 }
@@ -104,8 +109,8 @@ fn up(cfg: &Config, ctl: &Control, backoff: &mut Backoff) {
 }
 
 impl Reader {
-    /// Takes one message; a refused one becomes a dead letter.
-    fn take(&mut self, id: Option<String>, payload: &[u8], letters: &mut Vec<Letter>) {
+    /// Takes one message (of stream `s`, for an entry); a refused one becomes a dead letter.
+    fn take(&mut self, id: Option<(usize, String)>, payload: &[u8], letters: &mut Vec<Letter>) {
         match self.decoder.push(payload) {
             Ok(()) => {
                 self.first_at.get_or_insert_with(Instant::now);
@@ -113,17 +118,26 @@ impl Reader {
                     self.ids.push(id);
                 }
             }
-            Err(reason) => letters.push(Letter { payload: payload.to_vec(), reason, entry_id: id }),
+            Err(reason) => {
+                letters.push(Letter { payload: payload.to_vec(), reason, entry_id: id.map(|i| i.1) })
+            }
         }
     }
 
-    fn take_entry(&mut self, (id, fields): Entry, letters: &mut Vec<Letter>, gone: &mut Vec<String>) {
+    /// Takes one entry of stream `s`.
+    fn take_entry(
+        &mut self,
+        s: usize,
+        (id, fields): Entry,
+        letters: &mut Vec<Letter>,
+        gone: &mut Vec<String>,
+    ) {
         let Some(fields) = fields else {
             gone.push(id); // deleted from the stream (trimmed) while pending
             return;
         };
         match fields.iter().find(|(k, _)| k.as_slice() == self.cfg.field.as_bytes()) {
-            Some((_, v)) => self.take(Some(id), v, letters),
+            Some((_, v)) => self.take(Some((s, id)), v, letters),
             None => {
                 let names: Vec<String> =
                     fields.iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect();
@@ -162,14 +176,15 @@ impl Reader {
     async fn read_stream(
         &mut self,
         client: &redis::Client,
-        stream: &str,
         dead: &mut DeadLetters,
         out: &mpsc::Sender<Delivery>,
         ctl: &mut Control,
         backoff: &mut Backoff,
     ) -> Result<(), String> {
         let mut conn = connect(client, Duration::from_secs(1)).await.map_err(|e| e.to_string())?;
-        create_group(&mut conn, stream, &self.cfg.group).await?;
+        for stream in &self.cfg.streams {
+            create_group(&mut conn, stream, &self.cfg.group).await?;
+        }
         up(&self.cfg, ctl, backoff);
         let mut reclaim_at = Instant::now();
         // Own pending entries are looked at once per process: after a
@@ -179,21 +194,26 @@ impl Reader {
             if *ctl.shutdown.borrow() {
                 return Ok(());
             }
-            let mut letters = Vec::new();
-            let mut gone = Vec::new();
             if Instant::now() >= reclaim_at {
-                let (seen, claimed) = self.reclaim(&mut conn, stream, own_pending, &mut letters).await?;
-                if seen < 1000 {
+                let mut more = false;
+                for s in 0..self.cfg.streams.len() {
+                    let mut letters = Vec::new();
+                    let mut gone = Vec::new();
+                    let (seen, claimed) = self.reclaim(&mut conn, s, own_pending, &mut letters).await?;
+                    more |= seen >= 1000;
+                    for e in claimed {
+                        self.take_entry(s, e, &mut letters, &mut gone);
+                        if self.decoder.rows() >= self.cfg.max_rows {
+                            self.flush(out).await;
+                        }
+                    }
+                    self.refuse(&mut conn, s, dead, letters, gone).await?;
+                }
+                if !more {
                     own_pending = false;
                     self.own_done = true;
                     reclaim_at =
                         Instant::now() + (self.cfg.reclaim_after / 2).max(Duration::from_millis(500));
-                }
-                for e in claimed {
-                    self.take_entry(e, &mut letters, &mut gone);
-                    if self.decoder.rows() >= self.cfg.max_rows {
-                        self.flush(out).await;
-                    }
                 }
             }
             let count = self.cfg.max_rows.saturating_sub(self.decoder.rows()).max(1);
@@ -207,25 +227,51 @@ impl Reader {
                 .arg("BLOCK")
                 .arg(block.as_millis() as u64)
                 .arg("STREAMS")
-                .arg(stream)
-                .arg(">");
+                .arg(&self.cfg.streams);
+            for _ in &self.cfg.streams {
+                cmd.arg(">");
+            }
             let read = cmd.query_async::<redis::Value>(&mut conn);
             let reply = tokio::select! {
                 r = read => r.map_err(|e| e.to_string())?,
                 _ = ctl.shutdown.changed() => continue,
             };
-            for e in read_reply(reply) {
-                self.take_entry(e, &mut letters, &mut gone);
+            let mut received = 0;
+            for (key, entries) in read_reply(reply) {
+                let Some(s) = self.cfg.streams.iter().position(|k| *k == key) else { continue };
+                let mut letters = Vec::new();
+                let mut gone = Vec::new();
+                received += entries.len();
+                for e in entries {
+                    self.take_entry(s, e, &mut letters, &mut gone);
+                }
+                self.refuse(&mut conn, s, dead, letters, gone).await?;
             }
-            if !letters.is_empty() || !gone.is_empty() {
-                dead.write(&mut conn, &letters).await?;
-                gone.extend(letters.into_iter().filter_map(|l| l.entry_id));
-                ack(&mut conn, stream, &self.cfg.group, &gone).await.map_err(|e| e.to_string())?;
-            }
-            if self.due() {
+            // Fewer entries than asked for: the streams hold nothing more
+            // now, so the batch goes on at once rather than at `max_wait`.
+            // Under load reads come back full and batches stay large.
+            if self.due() || received < count {
                 self.flush(out).await;
             }
         }
+    }
+
+    /// Stores the dead letters of stream `s` and acknowledges them, with
+    /// the entries `gone` from it.
+    async fn refuse(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        s: usize,
+        dead: &mut DeadLetters,
+        letters: Vec<Letter>,
+        mut gone: Vec<String>,
+    ) -> Result<(), String> {
+        if letters.is_empty() && gone.is_empty() {
+            return Ok(());
+        }
+        dead.write(conn, &letters).await?;
+        gone.extend(letters.into_iter().filter_map(|l| l.entry_id));
+        ack(conn, &self.cfg.streams[s], &self.cfg.group, &gone).await.map_err(|e| e.to_string())
     }
 
     async fn read_channel(
@@ -252,7 +298,11 @@ impl Reader {
                 self.decoder.rows() < self.cfg.max_rows
             })?;
             dead.write(&mut conn, &letters).await?;
-            if self.due() {
+            if self.decoder.rows() < self.cfg.max_rows && sub.try_fill()? {
+                continue; // more has arrived: into this batch
+            }
+            // Nothing more buffered (or a full batch): the batch goes on now.
+            if self.first_at.is_some() {
                 self.flush(out).await;
                 continue;
             }
@@ -276,21 +326,22 @@ impl Reader {
     async fn reclaim(
         &mut self,
         conn: &mut MultiplexedConnection,
-        stream: &str,
+        s: usize,
         own: bool,
         letters: &mut Vec<Letter>,
     ) -> Result<(usize, Vec<Entry>), String> {
+        let stream = self.cfg.streams[s].clone();
         let idle = if own { 0 } else { self.cfg.reclaim_after.as_millis() as u64 };
         let mut cmd = redis::cmd("XPENDING");
-        let start = if own { self.cursor.clone() } else { "-".to_string() };
-        cmd.arg(stream).arg(&self.cfg.group).arg("IDLE").arg(idle).arg(start).arg("+").arg(1000);
+        let start = if own { self.cursors[s].clone() } else { "-".to_string() };
+        cmd.arg(&stream).arg(&self.cfg.group).arg("IDLE").arg(idle).arg(start).arg("+").arg(1000);
         if own {
             cmd.arg(&self.cfg.consumer);
         }
         let pending: Vec<(String, String, u64, u64)> =
             cmd.query_async(&mut *conn).await.map_err(|e| e.to_string())?;
         if let (true, Some(last)) = (own, pending.last()) {
-            self.cursor = format!("({}", last.0);
+            self.cursors[s] = format!("({}", last.0);
         }
         let chosen: Vec<&(String, String, u64, u64)> =
             pending.iter().filter(|p| own || p.1 != self.cfg.consumer).collect();
@@ -299,7 +350,7 @@ impl Reader {
         }
         let ids: Vec<&str> = chosen.iter().map(|p| p.0.as_str()).collect();
         let reply: redis::Value = redis::cmd("XCLAIM")
-            .arg(stream)
+            .arg(&stream)
             .arg(&self.cfg.group)
             .arg(&self.cfg.consumer)
             .arg(idle)

@@ -92,6 +92,20 @@ impl Subscriber {
         }
     }
 
+    /// Reads what the socket has right now, without waiting: whether
+    /// anything came. (Polling `read_buf` once and dropping it when pending
+    /// loses nothing: it writes to the buffer only when ready.)
+    pub fn try_fill(&mut self) -> Result<bool, String> {
+        use futures::FutureExt;
+        self.buf.reserve(1 << 16);
+        match self.io.read_buf(&mut self.buf).now_or_never() {
+            None => Ok(false),
+            Some(Ok(0)) => Err("connection closed by redis".into()),
+            Some(Ok(_)) => Ok(true),
+            Some(Err(e)) => Err(e.to_string()),
+        }
+    }
+
     /// Hands the payload of each complete message in the buffer to `take`,
     /// until `take` returns false or no complete message is left.
     pub fn drain(&mut self, mut take: impl FnMut(&[u8]) -> bool) -> Result<(), String> {

@@ -53,13 +53,16 @@ impl super::OpenStreamSink for StdoutSink {
 
 #[async_trait::async_trait]
 impl super::StreamSink for StdoutSink {
-    async fn write(&mut self, batches: &[datafusion::arrow::record_batch::RecordBatch]) -> Result<u64> {
+    async fn write(
+        &mut self,
+        batches: &[datafusion::arrow::record_batch::RecordBatch],
+    ) -> Result<super::Written> {
         let schema = batches[0].schema();
         let owned: Vec<_> = batches.iter().cloned().map(Ok).collect();
         let input = Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
             schema,
             futures::stream::iter(owned),
         ));
-        write(self, input).await
+        write(self, input).await.map(super::Written::all)
     }
 }
