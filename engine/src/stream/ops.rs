@@ -125,6 +125,10 @@ impl RulesOp {
             metrics::counter!("engine_rule_hits_total", "node" => self.id.clone(), "rule" => h.rule, "mode" => mode)
                 .increment(h.count as u64);
         }
+        if !self.windows.is_empty() {
+            let keys: usize = self.windows.values().map(Windows::keys).sum();
+            metrics::gauge!("engine_window_keys", "node" => self.id.clone()).set(keys as f64);
+        }
         Ok(alerts)
     }
 

@@ -823,8 +823,11 @@ fn a_restarted_shard_keeps_its_windows_and_counts_a_redelivered_batch_once() {
     first.wait().expect("killed");
     assert!(s.pending() > 0, "the last entries wait, unacknowledged");
     proxy.restore();
-    let second = s.start(&["--shard", "0/1"]);
+    let port = free_port();
+    let second = s.start(&["--shard", "0/1", "--metrics-addr", &format!("127.0.0.1:{port}")]);
     wait_for("nothing pending", Duration::from_secs(60), || s.pending() == 0 && s.alerts() > 0);
+    let metrics = http_get(port, "/metrics");
+    assert!(metrics.contains("engine_window_keys{node=\"flagged\"} 1"), "one customer's window: {metrics}");
     assert_eq!(stop(second), 0, "{}", s.logs());
     // In order: the 5th event has 5 in its 3 s window, the 4th only 4. Empty
     // windows after the restart would give no alert; the two redelivered
