@@ -275,16 +275,25 @@ impl Acker for Xack {
         let mut touched: Vec<u32> = state.writes.iter().map(|w| w.partition).collect();
         touched.sort_unstable();
         touched.dedup();
-        for w in &state.writes {
-            let key = target.state_key(w.partition);
-            match &w.value {
-                Some(v) => pipe.cmd("HSET").arg(key).arg(w.field.as_slice()).arg(v.as_slice()).ignore(),
-                None => pipe.cmd("HDEL").arg(key).arg(w.field.as_slice()).ignore(),
-            };
-        }
+        // Per partition, one HSET and one HDEL with many fields each (in
+        // chunks): far fewer commands than one per key.
         for p in touched {
+            let key = target.state_key(p);
+            let mine = || state.writes.iter().filter(move |w| w.partition == p);
+            let sets: Vec<&StateWrite> = mine().filter(|w| w.value.is_some()).collect();
+            for chunk in sets.chunks(1000) {
+                let cmd = pipe.cmd("HSET").arg(&key);
+                for w in chunk {
+                    cmd.arg(w.field.as_slice()).arg(w.value.as_deref().unwrap_or_default());
+                }
+                cmd.ignore();
+            }
+            let dels: Vec<&[u8]> = mine().filter(|w| w.value.is_none()).map(|w| w.field.as_slice()).collect();
+            for chunk in dels.chunks(1000) {
+                pipe.cmd("HDEL").arg(&key).arg(chunk).ignore();
+            }
             let ms = state.keep_for.as_millis().max(1) as u64;
-            pipe.cmd("PEXPIRE").arg(target.state_key(p)).arg(ms).ignore();
+            pipe.cmd("PEXPIRE").arg(&key).arg(ms).ignore();
         }
         for (p, ids) in target.owned.iter().zip(&per_stream) {
             for chunk in ids.chunks(10_000) {

@@ -248,9 +248,12 @@ impl Reader {
                 self.refuse(&mut conn, s, dead, letters, gone).await?;
             }
             // Fewer entries than asked for: the streams hold nothing more
-            // now, so the batch goes on at once rather than at `max_wait`.
-            // Under load reads come back full and batches stay large.
-            if self.due() || received < count {
+            // now, so the batch goes on at once rather than at `max_wait`,
+            // unless the stages after are still busy with earlier ones (then
+            // it grows meanwhile). Under load reads come back full and
+            // batches stay large.
+            let idle = out.capacity() == out.max_capacity();
+            if self.due() || (received < count && idle) {
                 self.flush(out).await;
             }
         }
@@ -301,8 +304,9 @@ impl Reader {
             if self.decoder.rows() < self.cfg.max_rows && sub.try_fill()? {
                 continue; // more has arrived: into this batch
             }
-            // Nothing more buffered (or a full batch): the batch goes on now.
-            if self.first_at.is_some() {
+            // Nothing more buffered (or a full batch): the batch goes on now,
+            // unless the stages after are busy (then at `max_wait`).
+            if self.due() || (self.first_at.is_some() && out.capacity() == out.max_capacity()) {
                 self.flush(out).await;
                 continue;
             }
