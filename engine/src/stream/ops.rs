@@ -47,12 +47,19 @@ impl RulesOp {
         xxhash_rust::xxh3::xxh3_64(format!("{}\0{signature}", self.id).as_bytes()).to_be_bytes()
     }
 
+    /// Durable windows track their changed keys (windows a reload added too).
+    fn track_windows(&mut self) {
+        if self.durable.is_some() {
+            for w in self.windows.values_mut() {
+                w.make_durable();
+            }
+        }
+    }
+
     /// Makes the windows durable; `saved` is the state earlier runs stored.
     fn restore(&mut self, partitioned: Option<(u32, String)>, saved: &[StateWrite]) -> usize {
         self.durable = Some(Durable { partitioned });
-        for w in self.windows.values_mut() {
-            w.make_durable();
-        }
+        self.track_windows();
         let sigs: Vec<([u8; 8], String, usize)> = self
             .current
             .window_signatures()
@@ -94,11 +101,7 @@ impl RulesOp {
             if w.rules.has_changed().unwrap_or(false) {
                 let next = w.rules.borrow_and_update().clone();
                 self.windows = next.windows(std::mem::take(&mut self.windows));
-                if self.durable.is_some() {
-                    for w in self.windows.values_mut() {
-                        w.make_durable();
-                    }
-                }
+                self.track_windows();
                 self.current = next;
             }
         }

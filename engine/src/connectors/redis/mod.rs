@@ -119,11 +119,14 @@ use crate::spec::model::BatchSpec;
 use config::{RedisConnection, RedisSink, RedisSource};
 
 impl RedisSource {
+    /// How the source reads: `target`, the partitions of its stream this
+    /// shard owns (none for a channel).
     fn reader_config(
         &self,
         node: Node<'_>,
         batch: Option<&BatchSpec>,
         shard: Option<(u32, u32)>,
+        target: Option<&AckTarget>,
     ) -> crate::error::Result<source::Config> {
         let (name, c) = node.connection::<RedisConnection>(&self.connection)?;
         let max_rows = batch.and_then(|b| b.max_rows).unwrap_or(1000).max(1) as usize;
@@ -143,20 +146,12 @@ impl RedisSource {
                 format!("{host}-{}", std::process::id())
             }
         };
-        let partitions = self.partitions.unwrap_or(1);
-        let streams = match &self.stream {
-            Some(stream) => partition::owned(partitions, shard)
-                .into_iter()
-                .map(|p| partition::stream_key(stream, p, partitions))
-                .collect(),
-            None => Vec::new(),
-        };
         Ok(source::Config {
             node: node.id.to_string(),
             connection: name.to_string(),
             url: c.url.clone(),
             channel: self.channel.clone(),
-            streams,
+            streams: target.map(|t| t.owned.iter().map(|p| t.stream_key(*p)).collect()).unwrap_or_default(),
             group: self.group.clone().unwrap_or_default(),
             consumer,
             field: self.field.clone(),
@@ -171,19 +166,22 @@ impl RedisSource {
 
 impl OpenStream for RedisSource {
     fn open_stream(&self, node: Node<'_>, args: StreamArgs) -> crate::error::Result<Box<dyn StreamSource>> {
-        let cfg = self.reader_config(node, args.batch.as_ref(), args.shard)?;
-        let partitions = self.partitions.unwrap_or(1);
-        let acker = Xack {
-            client: client(&cfg.connection, &cfg.url)?,
-            target: match (&self.stream, &self.group) {
-                (Some(stream), Some(group)) => Some(AckTarget {
+        let target = match (&self.stream, &self.group) {
+            (Some(stream), Some(group)) => {
+                let partitions = self.partitions.unwrap_or(1);
+                Some(AckTarget {
                     stream: stream.clone(),
                     partitions,
                     owned: partition::owned(partitions, args.shard),
                     group: group.clone(),
-                }),
-                _ => None,
-            },
+                })
+            }
+            _ => None,
+        };
+        let cfg = self.reader_config(node, args.batch.as_ref(), args.shard, target.as_ref())?;
+        let acker = Xack {
+            client: client(&cfg.connection, &cfg.url)?,
+            target,
             dead: dead_letter::DeadLetters::new(node.spec, node.id, self.dead_letter.as_ref()),
             conn: None,
         };
@@ -262,7 +260,7 @@ impl Acker for Xack {
     /// Retries while Redis is away (until shutdown: the entries then stay
     /// pending and are delivered again, which sinks absorb).
     async fn ack(&mut self, token: Token, state: State, stop: &watch::Receiver<bool>) -> Result<(), String> {
-        let Some(target) = self.target.clone() else { return Ok(()) };
+        let Some(target) = &self.target else { return Ok(()) };
         let ids: Vec<(usize, String)> = token.take().unwrap_or_default();
         let mut per_stream: Vec<Vec<String>> = vec![Vec::new(); target.owned.len()];
         for (s, id) in ids {
@@ -421,19 +419,14 @@ struct Publishing {
 impl StreamSink for Publishing {
     async fn write(&mut self, batches: &[RecordBatch]) -> crate::error::Result<Written> {
         let ext = |e: &dyn std::fmt::Display| external(&self.name, &self.url, e);
-        if let (Some(col), true) = (&self.sink.partition_by, self.sink.partitions.unwrap_or(1) > 1) {
-            if batches[0].schema().index_of(col).is_err() {
-                return Err(Error::Usage(format!(
-                    "sink '{}': partition_by column '{col}' is not in its input",
-                    self.id
-                )));
-            }
-        }
+        // A missing partition column is the spec's problem, not an outage.
+        let parts = sink::partitions(&self.sink, batches)
+            .map_err(|e| Error::Usage(format!("sink '{}': {e}", self.id)))?;
         let c = match &mut self.conn {
             Some(c) => c,
             None => self.conn.insert(self.client.get_connection_manager().await.map_err(|e| ext(&e))?),
         };
-        sink::write(c, &self.sink, batches).await.map(Written::all).map_err(|e| ext(&e))
+        sink::write(c, &self.sink, batches, &parts).await.map(Written::all).map_err(|e| ext(&e))
     }
 }
 

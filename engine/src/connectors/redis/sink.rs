@@ -6,27 +6,36 @@ use datafusion::arrow::record_batch::RecordBatch;
 
 use super::config::RedisSink;
 
-/// Writes `batches` to `sink` on `conn`; returns the messages sent.
+/// The partition of every row of `batches` (none when the sink has one):
+/// an error names a missing `partition_by` column.
+pub fn partitions(sink: &RedisSink, batches: &[RecordBatch]) -> Result<Vec<u32>, String> {
+    let partitions = sink.partitions.unwrap_or(1);
+    let mut parts = Vec::new();
+    if let (true, Some(col)) = (partitions > 1, &sink.partition_by) {
+        for b in batches {
+            let i = b
+                .schema()
+                .index_of(col)
+                .map_err(|_| format!("partition_by column '{col}' is not in its input"))?;
+            parts.extend(super::partition::of_column(b.column(i), partitions)?);
+        }
+    }
+    Ok(parts)
+}
+
+/// Writes `batches` to `sink` on `conn`, each row to its partition of
+/// `parts` (from [`partitions`]); returns the messages sent.
 pub async fn write(
     conn: &mut redis::aio::ConnectionManager,
     sink: &RedisSink,
     batches: &[RecordBatch],
+    parts: &[u32],
 ) -> Result<u64, String> {
     let rows = crate::connectors::codec::json_rows(batches)?;
     if rows.is_empty() {
         return Ok(0);
     }
     let partitions = sink.partitions.unwrap_or(1);
-    let mut parts = Vec::with_capacity(rows.len());
-    if let (true, Some(col)) = (partitions > 1, &sink.partition_by) {
-        for b in batches {
-            let i = b
-                .schema()
-                .index_of(col)
-                .map_err(|_| format!("partition_by column '{col}' is not in the input"))?;
-            parts.extend(super::partition::of_column(b.column(i), partitions)?);
-        }
-    }
     let mut pipe = redis::pipe();
     for (i, row) in rows.iter().enumerate() {
         match (&sink.channel, &sink.stream) {
