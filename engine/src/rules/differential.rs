@@ -7,7 +7,7 @@
 //! Events of one key have distinct times and arrive in time order (the
 //! stream's contract); windows include events at exactly `size` before.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, Float64Array, Int64Array, StringArray, TimestampMicrosecondArray};
@@ -16,10 +16,11 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
 
 use super::batch::{batch_sql, version};
-use super::eval::CompiledRules;
+use super::eval::{CompiledRules, RuleState, Step};
 use crate::spec::rules::{files, load, LoadedRule};
 use crate::transform::sql::{session, Purpose};
 
+#[derive(Clone)]
 struct Event {
     id: i64,
     customer: i64,
@@ -130,12 +131,17 @@ fn alert_ids(batches: &[RecordBatch]) -> BTreeSet<String> {
 fn through_the_stream(set: &[LoadedRule], events: &[Event], size: usize) -> BTreeSet<String> {
     let ctx = session(Purpose::Stream);
     let rules = CompiledRules::build(&ctx, set, schema(), "transaction_id").expect("rules compile");
-    let mut windows = rules.windows(HashMap::new());
+    let mut state = rules.state(RuleState::default());
     let mut out = Vec::new();
-    for chunk in events.chunks(size) {
-        let (alerts, _) = rules.evaluate(&batch(chunk), &mut windows, 0, None).expect("evaluates");
+    for (seq, chunk) in events.chunks(size).enumerate() {
+        let (alerts, _) =
+            rules.evaluate(&batch(chunk), &mut state, 0, None, Step::at(seq as u64)).expect("evaluates");
         out.push(alerts);
     }
+    // The end of the stream releases what the windows still hold.
+    let last = Step { flush: true, ..Step::at(u64::MAX) };
+    let (alerts, _) = rules.evaluate(&batch(&[]), &mut state, 0, None, last).expect("evaluates");
+    out.push(alerts);
     alert_ids(&out)
 }
 
@@ -202,5 +208,26 @@ async fn stream_and_batch_evaluators_give_the_same_alerts_as_a_direct_count() {
     for size in [1, 137, 1_000] {
         let stream = through_the_stream(&set, &events, size);
         assert_eq!(stream, expected, "the stream in batches of {size} differs from the direct count");
+    }
+}
+
+/// Events that arrive out of time order, each up to 3 s behind its place
+/// (within the default allowed lateness, 5 s), give the alerts of the
+/// events in order: windows count them by their time.
+#[test]
+fn events_out_of_order_within_the_lateness_give_the_in_order_alerts() {
+    let (_dir, set) = rule_set();
+    let events = events(3_000);
+    let expected = counted(&events);
+    let mut rng = Rng(0x5DEE_CE66_D1CE_4E5B);
+    let mut arrival: Vec<(i64, usize)> =
+        events.iter().enumerate().map(|(i, e)| (e.at_us + rng.below(3_000_000) as i64, i)).collect();
+    arrival.sort();
+    let moved = arrival.iter().enumerate().filter(|(k, (_, i))| k != i).count();
+    assert!(moved > events.len() / 2, "most events arrive out of order: {moved}");
+    let shuffled: Vec<Event> = arrival.iter().map(|(_, i)| events[*i].clone()).collect();
+    for size in [1, 137, 1_000] {
+        let stream = through_the_stream(&set, &shuffled, size);
+        assert_eq!(stream, expected, "out of order in batches of {size}: not the in-order alerts");
     }
 }

@@ -16,6 +16,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 
 use super::batch::{reason_sql, version};
+use super::hold::{Held, Released, Timed};
 use super::window::{self, Func, Key, Windows};
 use crate::error::{Diagnostic, Diagnostics};
 use crate::spec::rules::{LoadedRule, RuleMode};
@@ -31,6 +32,40 @@ struct WindowPlan {
     schema: SchemaRef,
     /// Identifies the window so its state survives reloads that keep it.
     signature: String,
+    /// With a time column: how long events are held for event-time order.
+    lateness: Option<std::time::Duration>,
+}
+
+/// What a rule set keeps between batches: each windowed rule's windows
+/// (by signature), and the rows held back for event-time order.
+#[derive(Default)]
+pub struct RuleState {
+    pub windows: HashMap<String, Windows>,
+    pub held: Held,
+}
+
+/// One evaluation: the batch's sequence number (ordering rows of equal
+/// time), the wall-clock time, and whether to release every held row (the
+/// stream is stopping).
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    pub seq: u64,
+    pub now: std::time::Instant,
+    pub flush: bool,
+}
+
+impl Step {
+    pub fn at(seq: u64) -> Self {
+        Self { seq, now: std::time::Instant::now(), flush: false }
+    }
+}
+
+/// What a rule evaluates: the batch, the rows it released from hold, or
+/// nothing this time.
+enum Input {
+    Batch,
+    Held(Released),
+    Nothing,
 }
 
 /// One compiled rule.
@@ -41,6 +76,13 @@ pub struct CompiledRule {
     when: Arc<dyn PhysicalExpr>,
     reason: Arc<dyn PhysicalExpr>,
     window: Option<WindowPlan>,
+}
+
+impl CompiledRule {
+    /// Whether the rule holds events back for event-time order.
+    pub fn holds(&self) -> bool {
+        self.window.as_ref().is_some_and(|w| w.lateness.is_some())
+    }
 }
 
 /// The enabled rules of a set, ready to run on batches of `input`.
@@ -56,16 +98,19 @@ pub struct CompiledRules {
 
 /// A rule's evaluation on one batch: not started, on a thread, or done.
 enum Job<'a, T> {
-    Waiting(&'a CompiledRule, Option<&'a mut Windows>),
+    Waiting(&'a CompiledRule, Option<&'a mut Windows>, Input),
     Running(T),
-    Done(Result<(RecordBatch, BooleanArray), String>),
+    Done(Fired),
 }
 
-/// Hits of one rule in one batch.
+type Fired = Result<Option<(RecordBatch, BooleanArray)>, String>;
+
+/// Hits of one rule in one batch, and its events too late for its window.
 pub struct Hits {
     pub rule: String,
     pub mode: RuleMode,
     pub count: usize,
+    pub late: usize,
 }
 
 impl CompiledRules {
@@ -115,14 +160,41 @@ impl CompiledRules {
     }
 
     /// A window state for every windowed rule, keeping what `old` had for
-    /// windows that did not change.
-    pub fn windows(&self, mut old: HashMap<String, Windows>) -> HashMap<String, Windows> {
-        self.rules
+    /// windows that did not change (and the rows they hold).
+    pub fn state(&self, old: RuleState) -> RuleState {
+        let RuleState { windows: mut old, mut held } = old;
+        let windows = self
+            .rules
             .iter()
             .filter_map(|r| r.window.as_ref())
             .map(|w| {
                 let state = old.remove(&w.signature).unwrap_or_else(|| Windows::new(w.size));
                 (w.signature.clone(), state)
+            })
+            .collect();
+        held.set_rules(&self.held_rules());
+        RuleState { windows, held }
+    }
+
+    /// The windowed rules that hold rows for event-time order, by
+    /// signature, with their lateness.
+    pub fn held_rules(&self) -> Vec<(&str, std::time::Duration)> {
+        self.rules
+            .iter()
+            .filter_map(|r| r.window.as_ref())
+            .filter_map(|w| Some((w.signature.as_str(), w.lateness?)))
+            .collect()
+    }
+
+    /// Each holding rule's event times in `batch`.
+    pub fn timed(&self, batch: &RecordBatch) -> Result<Vec<Timed<'_>>, String> {
+        self.rules
+            .iter()
+            .filter_map(|r| r.window.as_ref())
+            .filter_map(|w| Some((w, w.lateness?)))
+            .map(|(w, lateness)| {
+                let times = event_times(w, batch)?.unwrap_or_else(|| Int64Array::from(Vec::<i64>::new()));
+                Ok(Timed { rule: w.signature.as_str(), lateness, times })
             })
             .collect()
     }
@@ -140,53 +212,86 @@ impl CompiledRules {
     /// The alerts of `batch`, and the hits of every rule (shadow rules too).
     /// `arrival_us` is the event time of windows without a time column;
     /// `partitions`, when windows are durable, the partition of each row.
+    /// Windowed rules with a time column count the rows they release from
+    /// hold (see [`super::hold`]), from this batch or earlier ones.
     pub fn evaluate(
         &self,
         batch: &RecordBatch,
-        windows: &mut HashMap<String, Windows>,
+        state: &mut RuleState,
         arrival_us: i64,
         partitions: Option<&[u32]>,
+        step: Step,
     ) -> Result<(RecordBatch, Vec<Hits>), String> {
+        let timed = self.timed(batch)?;
+        let mut late = vec![0; timed.len()];
+        if batch.num_rows() > 0 && !timed.is_empty() {
+            late = state.held.admit(step.seq, batch, partitions, &timed, step.now);
+        }
+        let mut released: HashMap<&str, (Released, usize)> = HashMap::new();
+        for (t, late) in timed.iter().zip(late) {
+            let r = state.held.release(t.rule, step.flush, step.now)?;
+            released.insert(t.rule, (r.unwrap_or_else(|| Released::none(batch)), late));
+        }
         // Each windowed rule runs on a thread of its own while this one
         // evaluates the others: its time goes to per-key state spread over
         // memory (cache misses), which threads overlap.
         let mut states: HashMap<&str, &mut Windows> =
-            windows.iter_mut().map(|(k, v)| (k.as_str(), v)).collect();
-        let mut jobs: Vec<(&CompiledRule, Option<&mut Windows>)> = Vec::with_capacity(self.rules.len());
+            state.windows.iter_mut().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut jobs: Vec<(&CompiledRule, Option<&mut Windows>, Input)> =
+            Vec::with_capacity(self.rules.len());
+        let mut lates = Vec::with_capacity(self.rules.len());
         for rule in &self.rules {
-            let state = match &rule.window {
-                Some(w) => Some(states.remove(w.signature.as_str()).ok_or("window state missing")?),
-                None => None,
+            let (state, input, late) = match &rule.window {
+                Some(w) => {
+                    let state = states.remove(w.signature.as_str()).ok_or("window state missing")?;
+                    match released.remove(w.signature.as_str()) {
+                        Some((r, late)) if r.batch.num_rows() > 0 => (Some(state), Input::Held(r), late),
+                        Some((_, late)) => (Some(state), Input::Nothing, late),
+                        None => (Some(state), Input::Batch, 0),
+                    }
+                }
+                None => (None, Input::Batch, 0),
             };
-            jobs.push((rule, state));
+            jobs.push((rule, state, input));
+            lates.push(late);
         }
-        let fire = |rule: &CompiledRule,
-                    state: Option<&mut Windows>|
-         -> Result<(RecordBatch, BooleanArray), String> {
+        let fire = |rule: &CompiledRule, state: Option<&mut Windows>, input: Input| -> Fired {
+            let (rows, parts) = match &input {
+                Input::Batch => (batch, partitions),
+                Input::Held(r) => (&r.batch, Some(r.partitions.as_slice())),
+                Input::Nothing => return Ok(None),
+            };
             match (&rule.window, state) {
                 (Some(w), Some(state)) => {
-                    let aug = with_aggregates(w, batch, state, arrival_us, partitions)?;
+                    let aug = with_aggregates(w, rows, state, arrival_us, parts)?;
                     let mask = eval_bool(&rule.when, &aug)?;
-                    Ok((aug, mask))
+                    Ok(Some((aug, mask)))
                 }
-                _ => Ok((batch.clone(), eval_bool(&rule.when, batch)?)),
+                _ => Ok(Some((rows.clone(), eval_bool(&rule.when, rows)?))),
             }
         };
-        let outcomes: Vec<Result<(RecordBatch, BooleanArray), String>> = std::thread::scope(|scope| {
+        let outcomes: Vec<Fired> = std::thread::scope(|scope| {
             // The windowed rules start first; then this thread does the rest.
             let pending: Vec<_> = jobs
                 .into_iter()
-                .map(|(rule, state)| match state {
-                    Some(state) if batch.num_rows() > 0 => {
-                        Job::Running(scope.spawn(move || fire(rule, Some(state))))
+                .map(|(rule, state, input)| {
+                    let rows = match &input {
+                        Input::Batch => batch.num_rows(),
+                        Input::Held(r) => r.batch.num_rows(),
+                        Input::Nothing => 0,
+                    };
+                    match state {
+                        Some(state) if rows > 0 => {
+                            Job::Running(scope.spawn(move || fire(rule, Some(state), input)))
+                        }
+                        state => Job::Waiting(rule, state, input),
                     }
-                    state => Job::Waiting(rule, state),
                 })
                 .collect();
             let done: Vec<_> = pending
                 .into_iter()
                 .map(|job| match job {
-                    Job::Waiting(rule, state) => Job::Done(fire(rule, state)),
+                    Job::Waiting(rule, state, input) => Job::Done(fire(rule, state, input)),
                     running => running,
                 })
                 .collect();
@@ -202,10 +307,13 @@ impl CompiledRules {
         });
         let mut alerts = Vec::new();
         let mut hits = Vec::new();
-        for (rule, outcome) in self.rules.iter().zip(outcomes) {
-            let (scope, mask) = outcome?;
+        for ((rule, outcome), late) in self.rules.iter().zip(outcomes).zip(lates) {
+            let Some((scope, mask)) = outcome? else {
+                hits.push(Hits { rule: rule.id.clone(), mode: rule.mode, count: 0, late });
+                continue;
+            };
             let count = mask.true_count();
-            hits.push(Hits { rule: rule.id.clone(), mode: rule.mode, count });
+            hits.push(Hits { rule: rule.id.clone(), mode: rule.mode, count, late });
             if count > 0 && rule.mode == RuleMode::Live {
                 let fired = filter_record_batch(&scope, &mask).map_err(|e| e.to_string())?;
                 alerts.push(self.alert_rows(rule, &fired)?);
@@ -307,7 +415,8 @@ fn compile_rule(
             let signature =
                 format!("{}|{:?}|{:?}|{}|{}", r.id.value(), w.by, w.time, w.size.value(), r.when.value());
             let funcs = aggs.iter().map(|a| a.func).collect();
-            (when, reason, Some(WindowPlan { by, time, size, funcs, args, schema, signature }))
+            let lateness = lr.allowed_lateness();
+            (when, reason, Some(WindowPlan { by, time, size, funcs, args, schema, signature, lateness }))
         }
     };
     let ty = when
@@ -324,6 +433,15 @@ fn compile_rule(
         reason,
         window,
     })
+}
+
+/// A window's event times in `batch` (µs), when it has a time column.
+fn event_times(w: &WindowPlan, batch: &RecordBatch) -> Result<Option<Int64Array>, String> {
+    let Some(i) = w.time else { return Ok(None) };
+    let us = cast(batch.column(i), &DataType::Timestamp(TimeUnit::Microsecond, None))
+        .and_then(|a| cast(&a, &DataType::Int64))
+        .map_err(|e| e.to_string())?;
+    Ok(Some(us.as_any().downcast_ref::<Int64Array>().ok_or("event time")?.clone()))
 }
 
 /// `batch` plus the aggregate columns of a windowed rule, each event added to
@@ -348,15 +466,7 @@ fn with_aggregates(
             }
         });
     }
-    let times: Option<Int64Array> = match w.time {
-        None => None,
-        Some(i) => {
-            let us = cast(batch.column(i), &DataType::Timestamp(TimeUnit::Microsecond, None))
-                .and_then(|a| cast(&a, &DataType::Int64))
-                .map_err(|e| e.to_string())?;
-            Some(us.as_any().downcast_ref::<Int64Array>().ok_or("event time")?.clone())
-        }
-    };
+    let times = event_times(w, batch)?;
     let key_cols: Vec<ArrayRef> = w.by.iter().map(|i| batch.column(*i).clone()).collect();
     let int_keys: Option<Int64Array> = match key_cols.as_slice() {
         [k] if k.data_type().is_integer() => {
@@ -449,14 +559,21 @@ mod tests {
             ("rapid.yaml", "id: rapid\nseverity: medium\nwindow: { by: [customer_id], size: 60s, time: timestamp }\nwhen: count(*) > 2 AND sum(amount) > 100\n"),
             ("big.yaml", "id: big\nseverity: high\nmode: shadow\nwhen: amount > 50\n"),
         ]);
-        let mut windows = rules.windows(HashMap::new());
+        let mut windows = rules.state(RuleState::default());
         let (a, hits) = rules
-            .evaluate(&batch(&[(1, 7, 60.0, 0), (2, 8, 1.0, 1), (3, 7, 30.0, 10)]), &mut windows, 0, None)
+            .evaluate(
+                &batch(&[(1, 7, 60.0, 0), (2, 8, 1.0, 1), (3, 7, 30.0, 10)]),
+                &mut windows,
+                0,
+                None,
+                Step::at(1),
+            )
             .unwrap();
         assert_eq!(a.num_rows(), 0);
         assert_eq!(hits.iter().find(|h| h.rule == "big").map(|h| h.count), Some(1));
-        let (a, _) =
-            rules.evaluate(&batch(&[(4, 7, 20.0, 20), (5, 7, 5.0, 200)]), &mut windows, 0, None).unwrap();
+        let (a, _) = rules
+            .evaluate(&batch(&[(4, 7, 20.0, 20), (5, 7, 5.0, 200)]), &mut windows, 0, None, Step::at(1))
+            .unwrap();
         assert_eq!(column(&a, "alert_id"), vec!["rapid:4"]);
         assert_eq!(column(&a, "reason"), vec!["count(*) 3 > 2 AND sum(amount) 110.0 > 100"]);
         assert_eq!(column(&a, "severity"), vec!["medium"]);
@@ -470,12 +587,13 @@ mod tests {
             "id: rapid\nseverity: low\nwindow: { by: [customer_id], size: 60s }\nwhen: count(*) > 1\n",
         );
         let first = compiled(&[rapid]);
-        let mut windows = first.windows(HashMap::new());
-        let (a, _) = first.evaluate(&batch(&[(1, 7, 1.0, 0)]), &mut windows, 0, None).unwrap();
+        let mut windows = first.state(RuleState::default());
+        let (a, _) = first.evaluate(&batch(&[(1, 7, 1.0, 0)]), &mut windows, 0, None, Step::at(1)).unwrap();
         assert_eq!(a.num_rows(), 0);
         let second = compiled(&[rapid, ("big.yaml", "id: big\nseverity: high\nwhen: amount > 1000\n")]);
-        let mut windows = second.windows(windows);
-        let (a, _) = second.evaluate(&batch(&[(2, 7, 1.0, 1)]), &mut windows, 1_000_000, None).unwrap();
+        let mut windows = second.state(windows);
+        let (a, _) =
+            second.evaluate(&batch(&[(2, 7, 1.0, 1)]), &mut windows, 1_000_000, None, Step::at(2)).unwrap();
         assert_eq!(column(&a, "alert_id"), vec!["rapid:2"]);
     }
 }

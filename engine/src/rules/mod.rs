@@ -1,6 +1,7 @@
 //! What rules mean. Rule files are read by [`crate::spec::rules`]; here
 //! [`compile`] plans each rule against the input's schema, [`eval`] is the set
 //! compiled once for a stream, [`window`] the per-key state of windowed rules,
+//! [`hold`] the event-time order they count events in,
 //! [`batch`] the same rules as SQL over a table (batch runs, tests and
 //! backtests), [`analyze`] what compiling a pipeline needs from SQL and rules,
 //! and [`watch`] reloads a running stream's rules when their files change.
@@ -9,6 +10,7 @@ pub mod analyze;
 pub mod batch;
 pub mod compile;
 pub mod eval;
+pub mod hold;
 pub mod watch;
 pub mod window;
 

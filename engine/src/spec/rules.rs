@@ -47,6 +47,10 @@ pub struct Window {
     /// The event-time column; arrival time when omitted.
     #[serde(default)]
     pub time: Option<String>,
+    /// With `time`: how late an event may arrive and still count in its
+    /// place (`2s`, `1m`; default 5s). Alerts of the rule wait as long.
+    #[serde(default)]
+    pub allowed_lateness: Option<Sp<String>>,
 }
 
 /// One rule.
@@ -73,6 +77,9 @@ pub struct Rule {
     #[serde(default)]
     pub mode: RuleMode,
 }
+
+/// How late an event may arrive when a rule does not say.
+pub const DEFAULT_LATENESS: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn yes() -> bool {
     true
@@ -101,6 +108,17 @@ impl LoadedRule {
     pub fn window_size(&self) -> Option<std::time::Duration> {
         let w = self.rule.window.as_ref()?;
         humantime::parse_duration(w.size.value()).ok()
+    }
+
+    /// How long a windowed rule with a time column waits for late events;
+    /// `None` for a rule that counts by arrival (never out of order).
+    pub fn allowed_lateness(&self) -> Option<std::time::Duration> {
+        let w = self.rule.window.as_ref()?;
+        w.time.as_ref()?;
+        match &w.allowed_lateness {
+            Some(l) => humantime::parse_duration(l.value()).ok(),
+            None => Some(DEFAULT_LATENESS),
+        }
     }
 }
 
@@ -216,6 +234,21 @@ fn check_rule(rule: &Rule, r: &mut Reader) {
         }
         if w.by.is_empty() {
             r.error(w.size.pos(), format!("rule '{id}': 'window.by' needs at least one key column"));
+        }
+        if let Some(l) = &w.allowed_lateness {
+            if humantime::parse_duration(l.value()).is_err() {
+                r.error(
+                    l.pos(),
+                    format!("rule '{id}': bad allowed_lateness '{}'; write e.g. 0s, 2s, 1m", l.value()),
+                );
+            } else if w.time.is_none() {
+                r.error(
+                    l.pos(),
+                    format!(
+                        "rule '{id}': 'allowed_lateness' needs 'time': a window without it counts events by arrival, never late"
+                    ),
+                );
+            }
         }
     }
 }

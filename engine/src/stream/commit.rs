@@ -1,7 +1,7 @@
-//! Committing micro-batches: each batch's outputs are written to every sink
-//! at once, then acknowledged at the source, one batch at a time and in
-//! order, in a task of its own so that batch N is written while the
-//! transforms run on batch N + 1.
+//! Committing micro-batches: each batch's outputs are written to every sink,
+//! then acknowledged at the source, one batch at a time and in order, in
+//! tasks of their own so that batch N is written while the transforms run
+//! on batch N + 1, and a fast sink need not wait for a slow one.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::sinks::{SinkOp, Stop};
 use super::Summary;
-use crate::connectors::{Acker, Refused, State, Token};
+use crate::connectors::{Acker, Refused, State, Token, Written};
 use crate::error::Result;
 
 /// A transformed batch on its way to the sinks.
@@ -39,82 +39,142 @@ pub(super) struct Committer {
     pub(super) max_events: Option<u64>,
 }
 
+/// How many batches a sink may write ahead of the oldest batch not yet
+/// acknowledged.
+const AHEAD: usize = 4;
+
+/// A batch handed to the sinks, waiting for all of them.
+struct Pending {
+    seq: u64,
+    events: u64,
+    token: Token,
+    first_at: Instant,
+    state: State,
+    /// Each sink's outcome, as they come.
+    outcomes: Vec<Option<std::result::Result<Written, Stop>>>,
+}
+
+/// A sink's outcome for one batch: which sink, which batch.
+type Outcome = (usize, u64, std::result::Result<Written, Stop>);
+
 impl Committer {
     /// Commits batches until the executor is done or a sink stops the stream.
+    ///
+    /// Each sink writes in a task of its own, batch after batch in order, up
+    /// to [`AHEAD`] batches ahead of the acknowledgements: a slow sink (a
+    /// PostgreSQL write) does not hold back a fast one (the alerts channel).
+    /// A batch is acknowledged once every sink wrote it, in order.
     pub(super) async fn run(
         mut self,
         mut batches: mpsc::Receiver<Commit>,
         stop: watch::Receiver<bool>,
     ) -> (Summary, Result<()>) {
-        while let Some(c) = batches.recv().await {
-            let Commit { outputs, events, token, first_at, state } = c;
-            let refused = match self.commit(&outputs, &stop).await {
-                Ok(refused) => refused,
-                Err(Stop::Interrupted) => {
-                    self.summary.unfinished += 1 + batches.len() as u64;
-                    return (self.summary, Ok(()));
-                }
-                Err(Stop::Fatal(e)) => return (self.summary, Err(e)),
-            };
-            if !refused.is_empty() {
-                // Stored before the acknowledgement: a batch acknowledged has
-                // lost none of its rows.
-                self.summary.refused += refused.len() as u64;
-                if let Err(e) = self.acker.refuse(refused, &stop).await {
-                    // Only at shutdown: this batch and the ones after it
-                    // stay unacknowledged (window state is saved in order).
-                    tracing::warn!("{e}; the batch will be delivered again");
-                    self.summary.unfinished += 1 + batches.len() as u64;
-                    return (self.summary, Ok(()));
+        let (done_tx, mut done) = mpsc::channel::<Outcome>(AHEAD * (self.sinks.len() + 1));
+        let mut lanes = Vec::new();
+        let mut ids = Vec::new();
+        for (i, sink) in std::mem::take(&mut self.sinks).into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel::<(u64, Vec<RecordBatch>)>(AHEAD);
+            ids.push((sink.id.clone(), sink.input.clone()));
+            tokio::spawn(lane(i, sink, rx, done_tx.clone(), stop.clone()));
+            lanes.push(tx);
+        }
+        drop(done_tx);
+        let mut queue: std::collections::VecDeque<Pending> = Default::default();
+        let mut next_seq = 0u64;
+        let mut open = true;
+        loop {
+            // The oldest batch, once every sink wrote it, is acknowledged.
+            while queue.front().is_some_and(|p| p.outcomes.iter().all(Option::is_some)) {
+                let Some(p) = queue.pop_front() else { break };
+                let left = queue.len() + batches.len();
+                match self.settle(p, &ids, &stop).await {
+                    Ok(()) => {}
+                    Err(None) => {
+                        self.summary.unfinished += 1 + left as u64;
+                        return (self.summary, Ok(()));
+                    }
+                    Err(Some(e)) => return (self.summary, Err(e)),
                 }
             }
-            if let Err(e) = self.acker.ack(token, state, &stop).await {
-                tracing::warn!("{e}; the batch will be delivered again");
-                self.summary.unfinished += 1 + batches.len() as u64;
+            if !open && queue.is_empty() {
                 return (self.summary, Ok(()));
             }
-            metrics::histogram!("engine_batch_latency_seconds").record(first_at.elapsed().as_secs_f64());
-            let rows = events;
-            let total = self.events.fetch_add(rows, Ordering::Relaxed) + rows;
-            self.summary.events = total;
-            self.summary.batches += 1;
-            self.progress();
-            if self.max_events.is_some_and(|m| total >= m) {
-                let _ = self.stop.send(true);
+            tokio::select! {
+                c = batches.recv(), if open && queue.len() < AHEAD => match c {
+                    Some(c) => {
+                        let Commit { outputs, events, token, first_at, state } = c;
+                        let seq = next_seq;
+                        next_seq += 1;
+                        for ((_, input), lane) in ids.iter().zip(&lanes) {
+                            let rows = outputs.get(input).cloned().unwrap_or_default();
+                            // A lane ends only after reporting a fatal outcome, which ends this loop first.
+                            let _ = lane.send((seq, rows)).await;
+                        }
+                        queue.push_back(Pending { seq, events, token, first_at, state, outcomes: (0..lanes.len()).map(|_| None).collect() });
+                    }
+                    None => open = false,
+                },
+                o = done.recv(), if !queue.is_empty() => match o {
+                    Some((sink, seq, outcome)) => {
+                        if let Some(p) = queue.iter_mut().find(|p| p.seq == seq) {
+                            p.outcomes[sink] = Some(outcome);
+                        }
+                    }
+                    None => return (self.summary, Err(crate::error::Error::Internal("the sink tasks ended".into()))),
+                },
             }
         }
-        (self.summary, Ok(()))
     }
 
-    /// Writes one batch's outputs to every sink, all at once; returns the
-    /// rows the sinks refused.
-    async fn commit(
+    /// Settles a batch every sink wrote: its refused rows to the dead
+    /// letter, then its acknowledgement. `Err(None)`: shutdown stopped it
+    /// (the batch stays unacknowledged).
+    async fn settle(
         &mut self,
-        outputs: &HashMap<String, Vec<RecordBatch>>,
+        p: Pending,
+        ids: &[(String, String)],
         stop: &watch::Receiver<bool>,
-    ) -> std::result::Result<Vec<Refused>, Stop> {
-        let writes = self.sinks.iter_mut().map(|s| {
-            let input = outputs.get(&s.input).cloned().unwrap_or_default();
-            async move {
-                let started = Instant::now();
-                let w = s.write(&input, stop).await?;
-                tracing::debug!(sink = %s.id, "{} rows in {:?}", w.rows, started.elapsed());
-                metrics::counter!("engine_events_in_total", "node" => s.id.clone()).increment(w.rows);
-                metrics::counter!("engine_sink_refused_total", "node" => s.id.clone())
-                    .increment(w.refused.len() as u64);
-                Ok::<_, Stop>((s.id.clone(), w))
-            }
-        });
-        let mut refused = Vec::new();
-        for outcome in futures::future::join_all(writes).await {
-            let (id, w) = outcome?;
-            match self.summary.written.iter_mut().find(|(s, _)| *s == id) {
+    ) -> std::result::Result<(), Option<crate::error::Error>> {
+        let mut refused: Vec<Refused> = Vec::new();
+        for ((id, _), outcome) in ids.iter().zip(p.outcomes) {
+            let w = match outcome {
+                Some(Ok(w)) => w,
+                Some(Err(Stop::Interrupted)) | None => return Err(None),
+                Some(Err(Stop::Fatal(e))) => return Err(Some(e)),
+            };
+            match self.summary.written.iter_mut().find(|(s, _)| s == id) {
                 Some(s) => s.1 += w.rows,
-                None => self.summary.written.push((id, w.rows)),
+                None => self.summary.written.push((id.clone(), w.rows)),
             }
             refused.extend(w.refused);
         }
-        Ok(refused)
+        if !refused.is_empty() {
+            // Stored before the acknowledgement: a batch acknowledged has
+            // lost none of its rows.
+            self.summary.refused += refused.len() as u64;
+            if let Err(e) = self.acker.refuse(refused, stop).await {
+                // Only at shutdown: this batch and the ones after it stay
+                // unacknowledged (window state is saved in order).
+                tracing::warn!("{e}; the batch will be delivered again");
+                return Err(None);
+            }
+        }
+        if let Err(e) = self.acker.ack(p.token, p.state, stop).await {
+            tracing::warn!("{e}; the batch will be delivered again");
+            return Err(None);
+        }
+        if p.events == 0 {
+            return Ok(()); // a tick of the clock: rows released from hold
+        }
+        metrics::histogram!("engine_batch_latency_seconds").record(p.first_at.elapsed().as_secs_f64());
+        let total = self.events.fetch_add(p.events, Ordering::Relaxed) + p.events;
+        self.summary.events = total;
+        self.summary.batches += 1;
+        self.progress();
+        if self.max_events.is_some_and(|m| total >= m) {
+            let _ = self.stop.send(true);
+        }
+        Ok(())
     }
 
     /// A progress line every 10 s.
@@ -128,5 +188,30 @@ impl Committer {
         tracing::info!("{} events ({rate:.0}/s); written: {}", self.summary.events, written.join(", "));
         self.last_report = Instant::now();
         self.last_events = self.summary.events;
+    }
+}
+
+/// One sink's task: writes the batches it is handed, in order, and reports
+/// each outcome; ends after a fatal one.
+async fn lane(
+    index: usize,
+    mut sink: SinkOp,
+    mut batches: mpsc::Receiver<(u64, Vec<RecordBatch>)>,
+    done: mpsc::Sender<Outcome>,
+    stop: watch::Receiver<bool>,
+) {
+    while let Some((seq, input)) = batches.recv().await {
+        let started = Instant::now();
+        let outcome = sink.write(&input, &stop).await;
+        if let Ok(w) = &outcome {
+            tracing::debug!(sink = %sink.id, "{} rows in {:?}", w.rows, started.elapsed());
+            metrics::counter!("engine_events_in_total", "node" => sink.id.clone()).increment(w.rows);
+            metrics::counter!("engine_sink_refused_total", "node" => sink.id.clone())
+                .increment(w.refused.len() as u64);
+        }
+        let fatal = matches!(outcome, Err(Stop::Fatal(_)));
+        if done.send((index, seq, outcome)).await.is_err() || fatal {
+            return;
+        }
     }
 }

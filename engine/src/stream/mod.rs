@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::connectors::{registry, Node, StreamArgs, StreamSource};
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::connectors::{registry, Node, StreamArgs, StreamSource, Token};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 use commit::{Commit, Committer};
@@ -109,9 +111,10 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
         batch: source.batch.clone(),
         shard: opts.shard,
     };
+    let ex_schema = args.schema.clone();
     let mut reader = opener.open_stream(Node { spec: &plan.spec, id: &source_id }, args)?;
     let mut acker = reader.acker()?;
-    let mut ex = Executor { ops };
+    let mut ex = Executor::new(ops);
     if acker.durable() {
         // Windows start where the last acknowledged batch left them: the
         // entries not acknowledged then are delivered again, and count once.
@@ -120,8 +123,11 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
             .await
             .map_err(|e| Error::External { system: format!("source '{source_id}'"), message: e })?;
         let restored = ex.restore(crate::plan::validate::partitioned(&plan.spec), &saved);
-        if restored > 0 {
-            tracing::info!(source = %source_id, "window state of {restored} keys restored");
+        if restored.keys > 0 {
+            tracing::info!(source = %source_id, "window state of {} keys restored", restored.keys);
+        }
+        if restored.held > 0 {
+            tracing::info!(source = %source_id, "{} events held for event-time order restored", restored.held);
         }
     }
     // Sinks and acknowledgements run in their own task, so batch N is
@@ -140,30 +146,38 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
     };
     let committing = tokio::spawn(committer.run(commit_rx, stop_rx.clone()));
     let mut failure = None;
+    let idle = RecordBatch::new_empty(ex_schema.clone());
     loop {
-        let d = match reader.next().await {
-            Ok(Some(d)) => d,
-            Ok(None) => break,
-            Err(e) => {
+        // While rules hold events for event-time order, a quiet source
+        // still lets them go when their time comes: a tick runs an empty
+        // batch through.
+        let next = if ex.holding() > 0 {
+            tokio::select! {
+                d = reader.next() => Some(d),
+                _ = tokio::time::sleep(TICK) => None,
+            }
+        } else {
+            Some(reader.next().await)
+        };
+        let (batch, token, first_at) = match next {
+            Some(Ok(Some(d))) => (d.batch, d.token, d.first_at),
+            Some(Ok(None)) => break,
+            Some(Err(e)) => {
                 failure = Some(e);
                 break;
             }
+            None => (idle.clone(), Token::none(), Instant::now()),
         };
-        let events = d.batch.num_rows() as u64;
-        let outputs = match ex.batch(&source_id, d.batch).await {
-            Ok(o) => o,
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
-        };
-        let state = ex.changes();
-        if commit_tx
-            .send(Commit { outputs, events, token: d.token, first_at: d.first_at, state })
-            .await
-            .is_err()
+        if let Err(e) = step(&mut ex, &source_id, batch, token, first_at, false, &commit_tx).await {
+            failure = e;
+            break;
+        }
+    }
+    // A stopping stream counts what its rules hold: the end of the input.
+    if failure.is_none() && ex.holding() > 0 {
+        if let Err(e) = step(&mut ex, &source_id, idle, Token::none(), Instant::now(), true, &commit_tx).await
         {
-            break; // the committer stopped: its outcome says why
+            failure = e;
         }
     }
     let _ = stop_tx.send(true);
@@ -183,6 +197,27 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
         Some(e) => Err(e),
         None => Ok(summary),
     }
+}
+
+/// How often rules holding events look at the clock while the source is quiet.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Runs one batch through the transforms and hands it to the committer.
+/// `Err(Some(e))`: the stream fails; `Err(None)`: the committer stopped
+/// (its outcome says why).
+async fn step(
+    ex: &mut Executor,
+    source_id: &str,
+    batch: RecordBatch,
+    token: Token,
+    first_at: Instant,
+    flush: bool,
+    commit_tx: &mpsc::Sender<Commit>,
+) -> std::result::Result<(), Option<Error>> {
+    let events = batch.num_rows() as u64;
+    let outputs = ex.batch(source_id, batch, flush).await.map_err(Some)?;
+    let state = ex.changes().map_err(Some)?;
+    commit_tx.send(Commit { outputs, events, token, first_at, state }).await.map_err(|_| None)
 }
 
 /// Reads a stopped source to its end, dropping what it hands over.

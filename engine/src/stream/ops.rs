@@ -17,7 +17,8 @@ use crate::connectors::redis::partition;
 use crate::connectors::{State, StateWrite};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
-use crate::rules::eval::CompiledRules;
+use crate::rules::eval::{CompiledRules, RuleState, Step};
+use crate::rules::hold::Held;
 use crate::rules::watch::{self as rules_watch, Watching};
 use crate::rules::window::Windows;
 use crate::spec::model::Transform;
@@ -28,7 +29,7 @@ pub(super) struct RulesOp {
     id: String,
     input: String,
     current: Arc<CompiledRules>,
-    windows: HashMap<String, Windows>,
+    state: RuleState,
     watching: Option<Watching>,
     /// Durable windows: their changes go with each batch's acknowledgement.
     durable: Option<Durable>,
@@ -47,17 +48,23 @@ impl RulesOp {
         xxhash_rust::xxh3::xxh3_64(format!("{}\0{signature}", self.id).as_bytes()).to_be_bytes()
     }
 
+    /// The stored field prefix of the rows held for event-time order.
+    fn held_prefix(&self) -> [u8; 8] {
+        self.field_prefix("\0held")
+    }
+
     /// Durable windows track their changed keys (windows a reload added too).
     fn track_windows(&mut self) {
         if self.durable.is_some() {
-            for w in self.windows.values_mut() {
+            for w in self.state.windows.values_mut() {
                 w.make_durable();
             }
+            self.state.held.make_durable();
         }
     }
 
     /// Makes the windows durable; `saved` is the state earlier runs stored.
-    fn restore(&mut self, partitioned: Option<(u32, String)>, saved: &[StateWrite]) -> usize {
+    fn restore(&mut self, partitioned: Option<(u32, String)>, saved: &[StateWrite]) -> Restored {
         self.durable = Some(Durable { partitioned });
         self.track_windows();
         let sigs: Vec<([u8; 8], String, usize)> = self
@@ -66,27 +73,41 @@ impl RulesOp {
             .into_iter()
             .map(|(sig, stride, _)| (self.field_prefix(sig), sig.to_string(), stride))
             .collect();
-        let mut restored = 0;
-        for s in saved {
-            let (Some(value), Some((prefix, key))) = (&s.value, s.field.split_first_chunk::<8>()) else {
-                continue;
-            };
+        let held = self.held_prefix();
+        let mut restored = Restored::default();
+        let fields =
+            || saved.iter().filter_map(|s| Some((s, s.value.as_deref()?, s.field.split_first_chunk::<8>()?)));
+        for (s, value, (prefix, key)) in fields() {
             let Some((_, sig, stride)) = sigs.iter().find(|(p, _, _)| p == prefix) else { continue };
-            if let Some(w) = self.windows.get_mut(sig) {
-                restored += usize::from(w.restore(s.partition, key, value, *stride));
+            if self.state.held.restore_mark(sig, s.partition, key, value) {
+                continue;
+            }
+            if let Some(w) = self.state.windows.get_mut(sig) {
+                restored.keys += usize::from(w.restore(s.partition, key, value, *stride));
+            }
+        }
+        // Held rows after every mark: a rule holds again only the rows
+        // after its mark.
+        let current = self.current.clone();
+        let now = std::time::Instant::now();
+        for (s, value, (prefix, key)) in fields() {
+            let Some(seq) = (prefix == &held).then(|| Held::stored_rows(key)).flatten() else { continue };
+            match self.state.held.restore_rows(s.partition, seq, value, |b| current.timed(b), now) {
+                Ok(n) => restored.held += n,
+                Err(e) => tracing::warn!(node = %self.id, "held rows of batch {seq} left out: {e}"),
             }
         }
         restored
     }
 
     /// The window state changed since the last call, as stored.
-    fn changes(&mut self, state: &mut State) {
+    fn changes(&mut self, state: &mut State) -> Result<()> {
         if self.durable.is_none() {
-            return;
+            return Ok(());
         }
         for (sig, stride, size) in self.current.window_signatures() {
             let prefix = self.field_prefix(sig);
-            let Some(w) = self.windows.get_mut(sig) else { continue };
+            let Some(w) = self.state.windows.get_mut(sig) else { continue };
             state.keep_for = state.keep_for.max(size + Duration::from_secs(24 * 3600));
             state.writes.extend(w.changes(stride).into_iter().map(|c| StateWrite {
                 partition: c.partition,
@@ -94,13 +115,30 @@ impl RulesOp {
                 value: c.value,
             }));
         }
+        let held = self
+            .state
+            .held
+            .changes()
+            .map_err(|e| Error::Internal(format!("transform '{}': {e}", self.id)))?;
+        for h in held {
+            let prefix = match &h.rule {
+                Some(sig) => self.field_prefix(sig),
+                None => self.held_prefix(),
+            };
+            state.writes.push(StateWrite {
+                partition: h.partition,
+                field: [prefix.as_slice(), &h.key].concat(),
+                value: h.value,
+            });
+        }
+        Ok(())
     }
 
-    fn run(&mut self, input: &[RecordBatch]) -> Result<RecordBatch> {
+    fn run(&mut self, input: &[RecordBatch], step: Step) -> Result<RecordBatch> {
         if let Some(w) = &mut self.watching {
             if w.rules.has_changed().unwrap_or(false) {
                 let next = w.rules.borrow_and_update().clone();
-                self.windows = next.windows(std::mem::take(&mut self.windows));
+                self.state = next.state(std::mem::take(&mut self.state));
                 self.track_windows();
                 self.current = next;
             }
@@ -121,18 +159,34 @@ impl RulesOp {
         };
         let (alerts, hits) = self
             .current
-            .evaluate(&batch, &mut self.windows, now_us(), partitions.as_deref())
+            .evaluate(&batch, &mut self.state, now_us(), partitions.as_deref(), step)
             .map_err(|e| Error::External { system: format!("transform '{}'", self.id), message: e })?;
         for h in hits {
+            if h.late > 0 {
+                metrics::counter!("engine_late_events_total", "node" => self.id.clone(), "rule" => h.rule.clone())
+                    .increment(h.late as u64);
+            }
             let mode = if h.mode == crate::spec::rules::RuleMode::Shadow { "shadow" } else { "live" };
             metrics::counter!("engine_rule_hits_total", "node" => self.id.clone(), "rule" => h.rule, "mode" => mode)
                 .increment(h.count as u64);
         }
-        if !self.windows.is_empty() {
-            let keys: usize = self.windows.values().map(Windows::keys).sum();
+        if !self.state.windows.is_empty() {
+            let keys: usize = self.state.windows.values().map(Windows::keys).sum();
             metrics::gauge!("engine_window_keys", "node" => self.id.clone()).set(keys as f64);
+            metrics::gauge!("engine_window_held_events", "node" => self.id.clone())
+                .set(self.state.held.len() as f64);
         }
         Ok(alerts)
+    }
+
+    /// Registers the transform's metrics at zero, so they show from start.
+    fn register_metrics(&self) {
+        for r in self.current.rules.iter().filter(|r| r.holds()) {
+            {
+                metrics::counter!("engine_late_events_total", "node" => self.id.clone(), "rule" => r.id.clone())
+                    .increment(0);
+            }
+        }
     }
 
     fn current_input_schema(&self, input: &[RecordBatch]) -> SchemaRef {
@@ -141,7 +195,7 @@ impl RulesOp {
 }
 
 pub(super) enum Op {
-    Rules(RulesOp),
+    Rules(Box<RulesOp>),
     Sql(SqlOp),
 }
 
@@ -152,40 +206,79 @@ fn now_us() -> i64 {
         .unwrap_or_default()
 }
 
+/// What came back of the state earlier runs stored.
+#[derive(Debug, Default)]
+pub(super) struct Restored {
+    /// Keys whose windows came back.
+    pub(super) keys: usize,
+    /// Rows held for event-time order that came back.
+    pub(super) held: usize,
+}
+
 pub(super) struct Executor {
     pub(super) ops: Vec<Op>,
+    /// The next batch's sequence number: rows of equal event time count in
+    /// the order they were read, over restarts too (it starts at the clock).
+    pub(super) seq: u64,
 }
 
 impl Executor {
+    pub(super) fn new(ops: Vec<Op>) -> Self {
+        for op in &ops {
+            if let Op::Rules(r) = op {
+                r.register_metrics();
+            }
+        }
+        Self { ops, seq: now_us().max(0) as u64 }
+    }
+
     /// Makes every rules transform's windows durable, from the state saved
-    /// by earlier runs; returns how many keys' windows came back.
-    pub(super) fn restore(&mut self, partitioned: Option<(u32, String)>, saved: &[StateWrite]) -> usize {
-        let mut restored = 0;
+    /// by earlier runs.
+    pub(super) fn restore(&mut self, partitioned: Option<(u32, String)>, saved: &[StateWrite]) -> Restored {
+        let mut restored = Restored::default();
         for op in &mut self.ops {
             if let Op::Rules(r) = op {
-                restored += r.restore(partitioned.clone(), saved);
+                let one = r.restore(partitioned.clone(), saved);
+                restored.keys += one.keys;
+                restored.held += one.held;
             }
         }
         restored
     }
 
+    /// Rows the rules hold for event-time order.
+    pub(super) fn holding(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::Rules(r) => r.state.held.len(),
+                Op::Sql(_) => 0,
+            })
+            .sum()
+    }
+
     /// The window state the batches since the last call changed.
-    pub(super) fn changes(&mut self) -> State {
+    pub(super) fn changes(&mut self) -> Result<State> {
         let mut state = State::default();
         for op in &mut self.ops {
             if let Op::Rules(r) = op {
-                r.changes(&mut state);
+                r.changes(&mut state)?;
             }
         }
-        state
+        Ok(state)
     }
 
     /// Runs one micro-batch through the transforms: every node's output.
+    /// `flush` releases every row held for event-time order (the stream
+    /// is stopping); an empty batch releases the rows whose time came.
     pub(super) async fn batch(
         &mut self,
         source_id: &str,
         batch: RecordBatch,
+        flush: bool,
     ) -> Result<HashMap<String, Vec<RecordBatch>>> {
+        let step = Step { flush, ..Step::at(self.seq) };
+        self.seq += 1;
         let mut outputs: HashMap<String, Vec<RecordBatch>> = HashMap::new();
         metrics::counter!("engine_events_out_total", "node" => source_id.to_string())
             .increment(batch.num_rows() as u64);
@@ -194,7 +287,7 @@ impl Executor {
             let (id, rows_in, out) = match op {
                 Op::Rules(r) => {
                     let input = outputs.get(&r.input).cloned().unwrap_or_default();
-                    let out = r.run(&input)?;
+                    let out = r.run(&input, step)?;
                     (r.id.clone(), rows(&input), vec![out])
                 }
                 Op::Sql(s) => {
@@ -251,7 +344,7 @@ pub(super) async fn build(
                 let first = src.load().await.map_err(|e| Error::Usage(format!("transform '{id}': {e}")))?;
                 schemas.insert(id.clone(), first.output_schema());
                 let current = Arc::new(first);
-                let windows = current.windows(HashMap::new());
+                let state = current.state(RuleState::default());
                 let watching = if r.reload.unwrap_or(true) {
                     let w = rules_watch::start(src, current.clone())?;
                     statuses.push((id.clone(), w.status.clone()));
@@ -260,14 +353,14 @@ pub(super) async fn build(
                     None
                 };
                 tracing::info!(node = %id, version = %current.version, rules = current.total, "rules loaded");
-                ops.push(Op::Rules(RulesOp {
+                ops.push(Op::Rules(Box::new(RulesOp {
                     id: id.clone(),
                     input,
                     current,
-                    windows,
+                    state,
                     watching,
                     durable: None,
-                }));
+                })));
             }
             Some(Transform::Sql(t)) => {
                 let inputs: Vec<(String, SchemaRef)> = inputs_of(plan, &id)

@@ -123,6 +123,21 @@ fn rules_check_reports_every_broken_file() {
         err.starts_with("tests/golden/rules_bad/broken.yaml:4:7: rule 'broken': bad 'when' expression:"),
         "{err}"
     );
+    let out = engine(&crate_dir, &["rules", "check", "tests/golden/rules_late"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(
+            "tests/golden/rules_late/lateness.yaml:5:63: rule 'by_arrival': 'allowed_lateness' needs 'time'"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "tests/golden/rules_late/lateness.yaml:9:80: rule 'bad_lateness': bad allowed_lateness 'soon'"
+        ),
+        "{err}"
+    );
     let out = engine(&crate_dir, &["rules", "check", "tests/golden/rules_ok"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "ok: 3 rules in 2 files");

@@ -62,10 +62,12 @@ impl StreamSource for Generated {
         if let Some(batch) = self.rx.recv().await {
             return Ok(Some(Delivery { batch, token: Token::none(), first_at: Instant::now() }));
         }
-        match self.task.take() {
-            Some(t) => t.await.map_err(|e| Error::Internal(format!("generate task: {e}")))?.map(|()| None),
-            None => Ok(None),
-        }
+        // Cancel-safe (the stream loop races it with a clock): the task is
+        // let go only once it has finished.
+        let Some(t) = self.task.as_mut() else { return Ok(None) };
+        let outcome = t.await;
+        self.task = None;
+        outcome.map_err(|e| Error::Internal(format!("generate task: {e}")))?.map(|()| None)
     }
 
     fn acker(&self) -> Result<Box<dyn Acker>> {

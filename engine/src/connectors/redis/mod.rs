@@ -208,10 +208,12 @@ impl StreamSource for Reading {
         if let Some(d) = self.rx.recv().await {
             return Ok(Some(d));
         }
-        match self.task.take() {
-            Some(t) => t.await.map_err(|e| Error::Internal(format!("source task: {e}")))?.map(|()| None),
-            None => Ok(None),
-        }
+        // Cancel-safe (the stream loop races it with a clock): the task is
+        // let go only once it has finished.
+        let Some(t) = self.task.as_mut() else { return Ok(None) };
+        let outcome = t.await;
+        self.task = None;
+        outcome.map_err(|e| Error::Internal(format!("source task: {e}")))?.map(|()| None)
     }
 
     fn acker(&self) -> crate::error::Result<Box<dyn Acker>> {
@@ -262,6 +264,9 @@ impl Acker for Xack {
     async fn ack(&mut self, token: Token, state: State, stop: &watch::Receiver<bool>) -> Result<(), String> {
         let Some(target) = &self.target else { return Ok(()) };
         let ids: Vec<(usize, String)> = token.take().unwrap_or_default();
+        if ids.is_empty() && state.writes.is_empty() {
+            return Ok(());
+        }
         let mut per_stream: Vec<Vec<String>> = vec![Vec::new(); target.owned.len()];
         for (s, id) in ids {
             if let Some(v) = per_stream.get_mut(s) {

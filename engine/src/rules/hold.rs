@@ -1,0 +1,518 @@
+//! Event time for windowed rules: events reach a window in the order of
+//! their `window.time`, whatever order they arrived in.
+//!
+//! Each windowed rule with a time column holds its events back until the
+//! watermark of their partition passes them: the newest time seen there,
+//! less the rule's `allowed_lateness`. Held events are then released in
+//! time order (ties in arrival order). A partition that goes quiet does not
+//! hold events for ever: an event held for `allowed_lateness` of wall-clock
+//! time is released, with every held event of its partition up to its time.
+//! An event older than what its partition has already released is late: it
+//! is left out of the rule's window and counted.
+//!
+//! The source batches whose rows are held are kept once for every rule of a
+//! transform. With durable windows, the held rows of each batch are saved
+//! per partition when the batch is acknowledged, and each rule's release
+//! mark with the window state: after a restart, the rows above the mark are
+//! held again and the rest, already in the saved windows, are not counted
+//! twice. Apache Flink's watermarks work the same way; a window here slides
+//! per event, which DataFusion's and Arroyo's windowed aggregates do not.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{Array, ArrayRef, Int64Array, UInt32Array};
+use datafusion::arrow::compute::interleave_record_batch;
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::record_batch::RecordBatch;
+
+/// Where a row stands in event-time order: its time (µs), its batch's
+/// sequence number and its row in that batch.
+pub type RowKey = (i64, u64, u32);
+
+/// Column holding each stored row's place in its batch.
+const ROW: &str = "__row";
+
+/// Rows one rule released, in time order, with each row's partition.
+pub struct Released {
+    pub batch: RecordBatch,
+    pub partitions: Vec<u32>,
+}
+
+impl Released {
+    /// No rows, of `like`'s schema.
+    pub fn none(like: &RecordBatch) -> Self {
+        Self { batch: RecordBatch::new_empty(like.schema()), partitions: Vec::new() }
+    }
+}
+
+/// The held rows of every windowed rule of one rules transform.
+#[derive(Default)]
+pub struct Held {
+    slots: HashMap<u64, Slot>,
+    next_slot: u64,
+    rules: HashMap<String, RuleHold>,
+    durable: bool,
+    /// Slots not stored yet.
+    unsaved: Vec<u64>,
+    /// Stored rows (partition, batch sequence number) no rule holds any more.
+    deleted: Vec<(u32, u64)>,
+}
+
+/// A batch whose rows some rule holds.
+struct Slot {
+    seq: u64,
+    batch: RecordBatch,
+    /// Each row's place in the batch as read (a stored batch keeps only
+    /// some of them); `None` when the rows are the whole batch.
+    rows: Option<Vec<u32>>,
+    /// Each row's partition (`None`: all in `partition`).
+    partitions: Option<Arc<[u32]>>,
+    partition: u32,
+    /// Rows held, over every rule, per partition.
+    refs: HashMap<u32, usize>,
+    saved: bool,
+}
+
+impl Slot {
+    fn partition(&self, row: usize) -> u32 {
+        self.partitions.as_ref().map_or(self.partition, |p| p[row])
+    }
+
+    fn key(&self, t: i64, row: usize) -> RowKey {
+        let orig = self.rows.as_ref().map_or(row as u32, |r| r[row]);
+        (t, self.seq, orig)
+    }
+}
+
+struct RuleHold {
+    lateness: Duration,
+    parts: HashMap<u32, Part>,
+}
+
+/// One rule's events of one partition.
+struct Part {
+    newest: i64,
+    /// The last row released: every held row up to it has been.
+    released: Option<RowKey>,
+    held: BTreeMap<RowKey, (u64, u32)>,
+    /// Held rows in arrival order, for the wall-clock release.
+    arrivals: VecDeque<(Instant, RowKey)>,
+    changed: bool,
+}
+
+impl Default for Part {
+    fn default() -> Self {
+        Self {
+            newest: i64::MIN,
+            released: None,
+            held: BTreeMap::new(),
+            arrivals: VecDeque::new(),
+            changed: false,
+        }
+    }
+}
+
+/// A stored change: a rule's release mark (`rule: Some`) or a batch's held
+/// rows (`rule: None`); `value: None` removes it.
+pub struct HoldWrite {
+    pub rule: Option<String>,
+    pub partition: u32,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// A windowed rule that holds rows: its signature, its lateness and its
+/// rows' event times (µs).
+pub struct Timed<'a> {
+    pub rule: &'a str,
+    pub lateness: Duration,
+    pub times: Int64Array,
+}
+
+fn mark_key() -> Vec<u8> {
+    b"w".to_vec()
+}
+
+fn rows_key(seq: u64) -> Vec<u8> {
+    [b"h".as_slice(), &seq.to_be_bytes()].concat()
+}
+
+impl Held {
+    /// Keeps track of what to store, for [`Held::changes`].
+    pub fn make_durable(&mut self) {
+        self.durable = true;
+    }
+
+    /// Sets the rules that hold rows, keeping what the ones still there hold.
+    pub fn set_rules(&mut self, rules: &[(&str, Duration)]) {
+        let gone: Vec<String> =
+            self.rules.keys().filter(|k| !rules.iter().any(|(r, _)| r == k)).cloned().collect();
+        for g in gone {
+            if let Some(h) = self.rules.remove(&g) {
+                for (p, part) in h.parts {
+                    for (slot, _) in part.held.into_values() {
+                        self.unref_partition(slot, p);
+                    }
+                }
+            }
+        }
+        for (rule, lateness) in rules {
+            self.rules
+                .entry(rule.to_string())
+                .or_insert_with(|| RuleHold { lateness: *lateness, parts: HashMap::new() })
+                .lateness = *lateness;
+        }
+    }
+
+    /// Rows held, over every rule.
+    pub fn len(&self) -> usize {
+        self.rules.values().flat_map(|r| r.parts.values()).map(|p| p.held.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes in a batch read as number `seq`: each rule holds its rows, but
+    /// those older than its partition has released (returned per rule: late).
+    pub fn admit(
+        &mut self,
+        seq: u64,
+        batch: &RecordBatch,
+        partitions: Option<&[u32]>,
+        timed: &[Timed<'_>],
+        now: Instant,
+    ) -> Vec<usize> {
+        let id = self.next_slot;
+        let slot = Slot {
+            seq,
+            batch: batch.clone(),
+            rows: None,
+            partitions: partitions.map(Arc::from),
+            partition: 0,
+            refs: HashMap::new(),
+            saved: false,
+        };
+        let late = self.hold_rows(id, slot, timed, now, |_, _| true);
+        if self.slots.contains_key(&id) && self.durable {
+            self.unsaved.push(id);
+        }
+        late
+    }
+
+    /// Holds the rows of `slot` for each rule (`keep`: whether a rule's
+    /// row is still to be counted) and keeps the slot if any is held.
+    fn hold_rows(
+        &mut self,
+        id: u64,
+        mut slot: Slot,
+        timed: &[Timed<'_>],
+        now: Instant,
+        keep: impl Fn(&Part, RowKey) -> bool,
+    ) -> Vec<usize> {
+        let mut late = vec![0; timed.len()];
+        for (k, t) in timed.iter().enumerate() {
+            let Some(rule) = self.rules.get_mut(t.rule) else { continue };
+            for row in 0..slot.batch.num_rows() {
+                let p = slot.partition(row);
+                let part = rule.parts.entry(p).or_default();
+                // An event without a time counts as the newest of its partition.
+                let time = if t.times.is_valid(row) { t.times.value(row) } else { part.newest.max(0) };
+                let key = slot.key(time, row);
+                if !keep(part, key) {
+                    continue;
+                }
+                if part.released.is_some_and(|r| time < r.0) {
+                    late[k] += 1;
+                    continue;
+                }
+                part.newest = part.newest.max(time);
+                part.held.insert(key, (id, row as u32));
+                part.arrivals.push_back((now, key));
+                *slot.refs.entry(p).or_default() += 1;
+            }
+        }
+        if !slot.refs.is_empty() {
+            self.next_slot += 1;
+            self.slots.insert(id, slot);
+        }
+        late
+    }
+
+    /// The rows `rule` may count now, in time order: those its partitions'
+    /// watermarks passed, those held for its lateness of wall-clock time
+    /// (with every row of their partition up to their time), or, with
+    /// `all`, every row it holds.
+    pub fn release(&mut self, rule: &str, all: bool, now: Instant) -> Result<Option<Released>, String> {
+        let Some(hold) = self.rules.get_mut(rule) else { return Ok(None) };
+        let lateness_us = hold.lateness.as_micros() as i64;
+        let mut out: Vec<(RowKey, u64, u32, u32)> = Vec::new();
+        for (p, part) in hold.parts.iter_mut() {
+            let mut cutoff = if all { i64::MAX } else { part.newest.saturating_sub(lateness_us) };
+            while let Some((at, key)) = part.arrivals.front().copied() {
+                if now.duration_since(at) < hold.lateness && !all {
+                    break;
+                }
+                part.arrivals.pop_front();
+                if part.held.contains_key(&key) {
+                    cutoff = cutoff.max(key.0);
+                }
+            }
+            while let Some(entry) = part.held.first_entry() {
+                if entry.key().0 > cutoff {
+                    break;
+                }
+                let (key, (slot, row)) = entry.remove_entry();
+                part.released = Some(key);
+                part.changed = true;
+                out.push((key, slot, row, *p));
+            }
+        }
+        if out.is_empty() {
+            return Ok(None);
+        }
+        out.sort_unstable_by_key(|r| r.0);
+        let mut order: Vec<u64> = out.iter().map(|r| r.1).collect();
+        order.sort_unstable();
+        order.dedup();
+        let batches: Vec<&RecordBatch> =
+            order.iter().map(|s| &self.slots.get(s).expect("a held row's batch").batch).collect();
+        let indices: Vec<(usize, usize)> =
+            out.iter().map(|r| (order.binary_search(&r.1).unwrap_or_default(), r.2 as usize)).collect();
+        let batch = interleave_record_batch(&batches, &indices).map_err(|e| e.to_string())?;
+        let partitions = out.iter().map(|r| r.3).collect();
+        for (_, slot, _, p) in &out {
+            self.unref_partition(*slot, *p);
+        }
+        Ok(Some(Released { batch, partitions }))
+    }
+
+    fn unref_partition(&mut self, slot: u64, p: u32) {
+        let Some(s) = self.slots.get_mut(&slot) else { return };
+        let Some(n) = s.refs.get_mut(&p) else { return };
+        *n -= 1;
+        if *n == 0 {
+            s.refs.remove(&p);
+            if s.saved {
+                self.deleted.push((p, s.seq));
+            }
+            if s.refs.is_empty() {
+                self.slots.remove(&slot);
+            }
+        }
+    }
+
+    /// What changed since the last call, as stored: the new batches' held
+    /// rows per partition, the rows no rule holds any more, the rules'
+    /// release marks.
+    pub fn changes(&mut self) -> Result<Vec<HoldWrite>, String> {
+        let mut out = Vec::new();
+        for (p, seq) in self.deleted.drain(..) {
+            out.push(HoldWrite { rule: None, partition: p, key: rows_key(seq), value: None });
+        }
+        for id in std::mem::take(&mut self.unsaved) {
+            let Some(slot) = self.slots.get_mut(&id) else { continue };
+            slot.saved = true;
+            for p in slot.refs.keys() {
+                let rows: Vec<u32> =
+                    (0..slot.batch.num_rows() as u32).filter(|r| slot.partition(*r as usize) == *p).collect();
+                out.push(HoldWrite {
+                    rule: None,
+                    partition: *p,
+                    key: rows_key(slot.seq),
+                    value: Some(encode(&slot.batch, &rows)?),
+                });
+            }
+        }
+        for (rule, hold) in self.rules.iter_mut() {
+            for (p, part) in hold.parts.iter_mut().filter(|(_, part)| part.changed) {
+                part.changed = false;
+                let Some((t, seq, row)) = part.released else { continue };
+                let value = [t.to_le_bytes().as_slice(), &seq.to_le_bytes(), &row.to_le_bytes()].concat();
+                out.push(HoldWrite {
+                    rule: Some(rule.clone()),
+                    partition: *p,
+                    key: mark_key(),
+                    value: Some(value),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts back a rule's release mark stored by [`Held::changes`]; false
+    /// when `key` is not one.
+    pub fn restore_mark(&mut self, rule: &str, partition: u32, key: &[u8], value: &[u8]) -> bool {
+        if key != mark_key().as_slice() || value.len() != 20 {
+            return false;
+        }
+        let Some(hold) = self.rules.get_mut(rule) else { return false };
+        let t = i64::from_le_bytes(value[..8].try_into().unwrap_or_default());
+        let seq = u64::from_le_bytes(value[8..16].try_into().unwrap_or_default());
+        let row = u32::from_le_bytes(value[16..].try_into().unwrap_or_default());
+        let part = hold.parts.entry(partition).or_default();
+        part.released = Some((t, seq, row));
+        part.newest = part.newest.max(t.saturating_add(hold.lateness.as_micros() as i64));
+        true
+    }
+
+    /// The sequence number of stored held rows, from their key.
+    pub fn stored_rows(key: &[u8]) -> Option<u64> {
+        let (b'h', seq) = key.split_first()? else { return None };
+        Some(u64::from_be_bytes(seq.try_into().ok()?))
+    }
+
+    /// Puts back held rows stored by [`Held::changes`] (after every mark):
+    /// each rule holds again the rows after its mark. `times` gives each
+    /// rule's event times of the decoded batch.
+    pub fn restore_rows<'t>(
+        &mut self,
+        partition: u32,
+        seq: u64,
+        value: &[u8],
+        times: impl Fn(&RecordBatch) -> Result<Vec<Timed<'t>>, String>,
+        now: Instant,
+    ) -> Result<usize, String> {
+        let (batch, rows) = decode(value)?;
+        let timed = times(&batch)?;
+        let id = self.next_slot;
+        let slot = Slot {
+            seq,
+            batch,
+            rows: Some(rows),
+            partitions: None,
+            partition,
+            refs: HashMap::new(),
+            saved: true,
+        };
+        self.hold_rows(id, slot, &timed, now, |part, key| part.released.is_none_or(|r| key > r));
+        let held = self.slots.get(&id).map_or(0, |s| s.refs.values().sum());
+        if held == 0 {
+            // Everything in it was counted before the restart.
+            self.deleted.push((partition, seq));
+        }
+        Ok(held)
+    }
+}
+
+/// `rows` of `batch` with their places, in Arrow's IPC stream format.
+fn encode(batch: &RecordBatch, rows: &[u32]) -> Result<Vec<u8>, String> {
+    let err = |e: datafusion::arrow::error::ArrowError| e.to_string();
+    let picked = datafusion::arrow::compute::take_record_batch(batch, &UInt32Array::from(rows.to_vec()))
+        .map_err(err)?;
+    let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(ROW, DataType::UInt32, false));
+    let mut cols: Vec<ArrayRef> = picked.columns().to_vec();
+    cols.push(Arc::new(UInt32Array::from(rows.to_vec())));
+    let stored = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(err)?;
+    let mut out = Vec::new();
+    let mut w =
+        datafusion::arrow::ipc::writer::StreamWriter::try_new(&mut out, &stored.schema()).map_err(err)?;
+    w.write(&stored).map_err(err)?;
+    w.finish().map_err(err)?;
+    drop(w);
+    Ok(out)
+}
+
+fn decode(bytes: &[u8]) -> Result<(RecordBatch, Vec<u32>), String> {
+    let err = |e: datafusion::arrow::error::ArrowError| format!("stored held rows: {e}");
+    let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(bytes, None).map_err(err)?;
+    let batches = reader.collect::<Result<Vec<_>, _>>().map_err(err)?;
+    let [stored] = batches.as_slice() else { return Err("stored held rows: not one batch".into()) };
+    let at = stored.schema().index_of(ROW).map_err(err)?;
+    let rows = stored.column(at).as_any().downcast_ref::<UInt32Array>().ok_or("stored held rows: places")?;
+    let rows = rows.values().to_vec();
+    let mut batch = stored.clone();
+    batch.remove_column(at);
+    Ok((batch, rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+
+    fn batch(ids: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(ids.to_vec()))]).unwrap()
+    }
+
+    fn ids(r: &Option<Released>) -> Vec<i64> {
+        r.as_ref().map_or(vec![], |r| {
+            r.batch.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec()
+        })
+    }
+
+    fn timed(times: &[i64]) -> Vec<Timed<'static>> {
+        vec![Timed {
+            rule: "r",
+            lateness: Duration::from_micros(10),
+            times: Int64Array::from(times.to_vec()),
+        }]
+    }
+
+    /// Rows come out in time order once the watermark passes them; a row
+    /// older than what was released is late; a quiet partition lets its
+    /// rows go after the lateness of wall-clock time.
+    #[test]
+    fn rows_are_released_in_time_order_behind_the_watermark() {
+        let mut h = Held::default();
+        h.set_rules(&[("r", Duration::from_micros(10))]);
+        let now = Instant::now();
+        // ids are the times: arrival order 5, 3, 9, 1.
+        assert_eq!(h.admit(1, &batch(&[5, 3, 9, 1]), None, &timed(&[5, 3, 9, 1]), now), vec![0]);
+        assert!(h.release("r", false, now).unwrap().is_none(), "newest 9 less 10 passes nothing");
+        assert_eq!(h.admit(2, &batch(&[14, 2]), None, &timed(&[14, 2]), now), vec![0]);
+        assert_eq!(ids(&h.release("r", false, now).unwrap()), vec![1, 2, 3]);
+        assert_eq!(h.admit(3, &batch(&[0, 4, 20]), None, &timed(&[0, 4, 20]), now), vec![1], "0 is late");
+        assert_eq!(ids(&h.release("r", false, now).unwrap()), vec![4, 5, 9]);
+        assert_eq!(h.len(), 2);
+        let later = now + Duration::from_micros(10);
+        assert_eq!(ids(&h.release("r", false, later).unwrap()), vec![14, 20], "held long enough");
+        assert!(h.is_empty());
+        assert!(h.slots.is_empty(), "no batch kept once nothing is held");
+    }
+
+    /// Stored rows and marks restore what was held and nothing counted:
+    /// rows at or before the mark are not held again.
+    #[test]
+    fn stored_rows_and_marks_hold_again_only_what_was_not_counted() {
+        let mut h = Held::default();
+        h.make_durable();
+        h.set_rules(&[("r", Duration::from_micros(10))]);
+        let now = Instant::now();
+        h.admit(7, &batch(&[1, 5, 3, 12]), Some(&[0, 1, 0, 1]), &timed(&[1, 5, 3, 12]), now);
+        let first = h.changes().unwrap();
+        assert_eq!(first.iter().filter(|w| w.rule.is_none()).count(), 2, "rows of both partitions stored");
+        h.admit(8, &batch(&[16]), Some(&[1]), &timed(&[16]), now);
+        assert_eq!(ids(&h.release("r", false, now).unwrap()), vec![5], "partition 1 up to 16 - 10");
+        let second = h.changes().unwrap();
+        let mut back = Held::default();
+        back.set_rules(&[("r", Duration::from_micros(10))]);
+        for w in first.iter().chain(&second).filter(|w| w.rule.is_some()) {
+            assert!(back.restore_mark("r", w.partition, &w.key, w.value.as_deref().unwrap()));
+        }
+        let mut restored = 0;
+        let mut stored: Vec<&HoldWrite> = first.iter().chain(&second).filter(|w| w.rule.is_none()).collect();
+        stored.retain(|w| w.value.is_some());
+        for w in stored {
+            let seq = Held::stored_rows(&w.key).unwrap();
+            restored += back
+                .restore_rows(
+                    w.partition,
+                    seq,
+                    w.value.as_deref().unwrap(),
+                    |b| {
+                        let t = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().clone();
+                        Ok(vec![Timed { rule: "r", lateness: Duration::from_micros(10), times: t }])
+                    },
+                    now,
+                )
+                .unwrap();
+        }
+        assert_eq!(restored, 4, "1 and 3 (partition 0), 12 and 16 (partition 1); 5 was counted");
+        assert_eq!(ids(&back.release("r", true, now).unwrap()), vec![1, 3, 12, 16]);
+    }
+}
