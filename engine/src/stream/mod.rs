@@ -112,6 +112,11 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
         shard: opts.shard,
     };
     let ex_schema = args.schema.clone();
+    // Every metric shows from the start, at zero, not from its first event.
+    metrics::counter!("engine_events_out_total", "node" => source_id.clone()).increment(0);
+    metrics::counter!("engine_dead_letters_total", "source" => source_id.clone()).increment(0);
+    metrics::gauge!("engine_source_connected", "source" => source_id.clone()).set(0.0);
+    let _ = metrics::histogram!("engine_batch_latency_seconds");
     let mut reader = opener.open_stream(Node { spec: &plan.spec, id: &source_id }, args)?;
     let mut acker = reader.acker()?;
     let mut ex = Executor::new(ops);

@@ -181,11 +181,21 @@ impl RulesOp {
 
     /// Registers the transform's metrics at zero, so they show from start.
     fn register_metrics(&self) {
-        for r in self.current.rules.iter().filter(|r| r.holds()) {
-            {
-                metrics::counter!("engine_late_events_total", "node" => self.id.clone(), "rule" => r.id.clone())
+        let node = || self.id.clone();
+        for r in &self.current.rules {
+            let mode = if r.mode == crate::spec::rules::RuleMode::Shadow { "shadow" } else { "live" };
+            metrics::counter!("engine_rule_hits_total", "node" => node(), "rule" => r.id.clone(), "mode" => mode)
+                .increment(0);
+            if r.holds() {
+                metrics::counter!("engine_late_events_total", "node" => node(), "rule" => r.id.clone())
                     .increment(0);
             }
+        }
+        metrics::counter!("engine_rule_reloads_total", "node" => node()).increment(0);
+        metrics::counter!("engine_rule_reload_failures_total", "node" => node()).increment(0);
+        if !self.state.windows.is_empty() {
+            metrics::gauge!("engine_window_keys", "node" => node()).set(0.0);
+            metrics::gauge!("engine_window_held_events", "node" => node()).set(0.0);
         }
     }
 
@@ -225,9 +235,15 @@ pub(super) struct Executor {
 impl Executor {
     pub(super) fn new(ops: Vec<Op>) -> Self {
         for op in &ops {
-            if let Op::Rules(r) = op {
-                r.register_metrics();
-            }
+            let id = match op {
+                Op::Rules(r) => {
+                    r.register_metrics();
+                    &r.id
+                }
+                Op::Sql(s) => &s.id,
+            };
+            metrics::counter!("engine_events_in_total", "node" => id.clone()).increment(0);
+            metrics::counter!("engine_events_out_total", "node" => id.clone()).increment(0);
         }
         Self { ops, seq: now_us().max(0) as u64 }
     }

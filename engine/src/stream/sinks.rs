@@ -33,6 +33,9 @@ impl SinkOp {
             return Err(Error::Internal(format!("sink '{id}': {} in a stream passed validation", sink.kind)));
         };
         let sink_op = opener.open_stream(Node { spec, id })?;
+        for name in ["engine_events_in_total", "engine_sink_retries_total", "engine_sink_refused_total"] {
+            metrics::counter!(name, "node" => id.to_string()).increment(0);
+        }
         Ok(Self { id: id.to_string(), input: sink.input().value().clone(), sink: sink_op })
     }
 

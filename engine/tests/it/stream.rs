@@ -956,3 +956,40 @@ fn out_of_order_events_within_the_lateness_give_the_in_order_answer() {
     assert_eq!(s.alert_ids(), want, "{}", s.logs());
     assert!(s.logs().contains("events held for event-time order restored"), "{}", s.logs());
 }
+
+/// Before the first event, `/metrics` already lists every metric the
+/// reference names, at zero: dashboards and alerts see them from the start.
+#[test]
+fn every_metric_shows_at_zero_before_the_first_event() {
+    let s = Setup::new("metrics_zero", "stream: $STREAM\n    group: fraud", None);
+    write_rule(&s.dir.join("rules"), "velocity.yaml", VELOCITY);
+    let port = free_port();
+    let engine = s.start(&["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let mut metrics = String::new();
+    wait_for("the metrics endpoint", Duration::from_secs(60), || {
+        metrics = std::net::TcpStream::connect(("127.0.0.1", port))
+            .map(|_| http_get(port, "/metrics"))
+            .unwrap_or_default();
+        metrics.contains("engine_source_connected{source=\"transactions\"} 1")
+    });
+    for line in [
+        "engine_events_out_total{node=\"transactions\"} 0",
+        "engine_events_in_total{node=\"flagged\"} 0",
+        "engine_events_out_total{node=\"flagged\"} 0",
+        "engine_dead_letters_total{source=\"transactions\"} 0",
+        "engine_rule_hits_total{node=\"flagged\",rule=\"large_amount\",mode=\"live\"} 0",
+        "engine_rule_hits_total{node=\"flagged\",rule=\"velocity\",mode=\"live\"} 0",
+        "engine_late_events_total{node=\"flagged\",rule=\"velocity\"} 0",
+        "engine_rule_reloads_total{node=\"flagged\"} 0",
+        "engine_rule_reload_failures_total{node=\"flagged\"} 0",
+        "engine_sink_retries_total{node=\"alerts_table\"} 0",
+        "engine_sink_refused_total{node=\"alerts_table\"} 0",
+        "engine_events_in_total{node=\"alerts_table\"} 0",
+        "engine_window_keys{node=\"flagged\"} 0",
+        "engine_window_held_events{node=\"flagged\"} 0",
+        "engine_batch_latency_seconds",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in:\n{metrics}");
+    }
+    assert_eq!(stop(engine), 0, "{}", s.logs());
+}
