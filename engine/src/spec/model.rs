@@ -257,13 +257,6 @@ impl<'de> Deserialize<'de> for ColumnSpec {
                         }
                         "required" => long.required = map.next_value()?,
                         "path" => long.path = Some(map.next_value()?),
-                        tail if is_split_decimal(&long.data_type, tail) => {
-                            // `{ type: decimal(12,2) }` is split by YAML at the
-                            // comma of a flow mapping into `decimal(12` and a
-                            // key `2)`; put the type back together.
-                            let _: serde::de::IgnoredAny = map.next_value()?;
-                            long.data_type = format!("{},{tail}", long.data_type);
-                        }
                         other => return Err(A::Error::unknown_field(other, KEYS)),
                     }
                 }
@@ -275,14 +268,6 @@ impl<'de> Deserialize<'de> for ColumnSpec {
         }
         d.deserialize_any(V)
     }
-}
-
-fn is_split_decimal(head: &str, tail: &str) -> bool {
-    head.starts_with("decimal(")
-        && !head.ends_with(')')
-        && tail
-            .strip_suffix(')')
-            .is_some_and(|d| !d.is_empty() && d.trim().chars().all(|c| c.is_ascii_digit()))
 }
 
 // ----------------------------------------------------------------- transforms

@@ -72,9 +72,141 @@ pub fn node_pos(node: &Node) -> Pos {
 }
 
 /// Parses YAML text into a marked tree; duplicate keys are errors.
+/// The text must also read the same to other YAML tools (see [`portable`]).
 pub fn parse(file: &Path, text: &str) -> Result<Node, Diagnostic> {
     let options = LoaderOptions::default().error_on_duplicate_keys(true).prevent_coercion(true);
-    marked_yaml::parse_yaml_with_options(0, text, options).map_err(|e| load_error(file, e))
+    let node = marked_yaml::parse_yaml_with_options(0, text, options).map_err(|e| load_error(file, e))?;
+    if let Some((pos, message)) = split_at_comma(&node) {
+        return Err(Diagnostic::error(file, pos, message));
+    }
+    portable(file, text, &node)?;
+    Ok(node)
+}
+
+/// A value cut in two at a comma: inside `{ }` or `[ ]` a comma ends an
+/// unquoted value, so `{ type: decimal(12,2) }` is `type: decimal(12` and
+/// a key `2)`, in every YAML reader. Found as an opening parenthesis left
+/// open, then a key (with no value) or an item that closes it.
+fn split_at_comma(node: &Node) -> Option<(Pos, String)> {
+    let open = |t: &str| t.matches('(').count() > t.matches(')').count();
+    let closes = |t: &str| t.matches(')').count() > t.matches('(').count();
+    let message = |head: &str, tail: &str| {
+        format!(
+            "'{head},{tail}' is read as two values: inside {{ }} or [ ], a comma ends an unquoted value (in every YAML reader); quote it: \"{head},{tail}\""
+        )
+    };
+    match node {
+        Node::Mapping(m) => {
+            let entries: Vec<_> = m.iter().collect();
+            for pair in entries.windows(2) {
+                let ((_, v), (k, next)) = (pair[0], pair[1]);
+                let empty = next.as_scalar().is_some_and(|s| s.as_str().is_empty());
+                if let Some(v) = v.as_scalar() {
+                    if open(v.as_str()) && closes(k.as_str()) && empty {
+                        return Some((span_pos(k.span()), message(v.as_str(), k.as_str())));
+                    }
+                }
+            }
+            m.values().find_map(split_at_comma)
+        }
+        Node::Sequence(items) => {
+            for pair in items.windows(2) {
+                if let (Some(a), Some(b)) = (pair[0].as_scalar(), pair[1].as_scalar()) {
+                    if open(a.as_str()) && closes(b.as_str()) {
+                        return Some((span_pos(b.span()), message(a.as_str(), b.as_str())));
+                    }
+                }
+            }
+            items.iter().find_map(split_at_comma)
+        }
+        Node::Scalar(_) => None,
+    }
+}
+
+/// Refuses a document that other YAML tools read differently: PyYAML, the
+/// yaml-language-server of editors and most others read YAML as libyaml
+/// does (here through serde_norway); marked-yaml's scanner is another
+/// implementation, and where the two part, the spec would not mean to its
+/// editor what it means to the engine.
+fn portable(file: &Path, text: &str, node: &Node) -> Result<(), Diagnostic> {
+    let other: serde_norway::Value = match serde_norway::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let pos = e.location().map(|l| Pos::new(l.line(), l.column())).unwrap_or(Pos::new(1, 1));
+            return Err(Diagnostic::error(file, pos, format!("other YAML tools cannot read this file: {e}")));
+        }
+    };
+    match differs(node, &other) {
+        Some((pos, message)) => Err(Diagnostic::error(file, pos, message)),
+        None => Ok(()),
+    }
+}
+
+/// Where `node` and libyaml's reading of it part, and what to do about it.
+fn differs(node: &Node, other: &serde_norway::Value) -> Option<(Pos, String)> {
+    use serde_norway::Value as V;
+    let split = |n: &Node| {
+        let comma = flow_scalars(n).into_iter().find(|s| s.as_str().contains(','));
+        match comma {
+            Some(s) => (
+                span_pos(s.span()),
+                format!(
+                    "other YAML tools (PyYAML, editors) read '{0}' as two values: inside {{ }} or [ ], a comma ends an unquoted value; quote it: \"{0}\"",
+                    s.as_str()
+                ),
+            ),
+            None => (node_pos(n), "other YAML tools (PyYAML, editors) read this differently; quote its values".into()),
+        }
+    };
+    match (node, other) {
+        (Node::Mapping(m), V::Mapping(o)) => {
+            if m.len() != o.len() {
+                return Some(split(node));
+            }
+            for (k, v) in m.iter() {
+                let found = o.iter().find(|(ok, _)| key_text(ok).as_deref() == Some(k.as_str()));
+                match found {
+                    Some((_, ov)) => {
+                        if let Some(d) = differs(v, ov) {
+                            return Some(d);
+                        }
+                    }
+                    None => return Some(split(node)),
+                }
+            }
+            None
+        }
+        (Node::Sequence(s), V::Sequence(o)) => {
+            if s.len() != o.len() {
+                return Some(split(node));
+            }
+            s.iter().zip(o).find_map(|(a, b)| differs(a, b))
+        }
+        (Node::Scalar(s), V::String(o)) if s.as_str() != o => Some(split(node)),
+        // Numbers, booleans and nulls are typed by each reader; their text is the same.
+        (Node::Scalar(_), V::String(_) | V::Number(_) | V::Bool(_) | V::Null) => None,
+        _ => Some(split(node)),
+    }
+}
+
+/// The scalars of a mapping or list (not nested deeper).
+fn flow_scalars(node: &Node) -> Vec<&marked_yaml::types::MarkedScalarNode> {
+    match node {
+        Node::Mapping(m) => m.values().filter_map(Node::as_scalar).collect(),
+        Node::Sequence(s) => s.iter().filter_map(Node::as_scalar).collect(),
+        Node::Scalar(s) => vec![s],
+    }
+}
+
+fn key_text(v: &serde_norway::Value) -> Option<String> {
+    use serde_norway::Value as V;
+    match v {
+        V::String(s) => Some(s.clone()),
+        V::Number(n) => Some(n.to_string()),
+        V::Bool(b) => Some(b.to_string()),
+        V::Null => Some(String::new()),
+        _ => None,
+    }
 }
 
 fn load_error(file: &Path, e: marked_yaml::LoadError) -> Diagnostic {
@@ -390,5 +522,62 @@ mod tests {
         assert_eq!(v["c"], serde_json::json!(1.5));
         assert_eq!(v["d"], serde_json::json!(true));
         assert_eq!(v["e"], serde_json::json!("x"));
+    }
+
+    /// Every spec and rule file of the repository reads the same to libyaml
+    /// (PyYAML, editors) as to the engine: `parse` compares the two.
+    #[test]
+    fn every_spec_and_rule_file_of_the_repo_reads_the_same_to_libyaml() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo");
+        let mut files = Vec::new();
+        for dir in [
+            "pipelines",
+            "examples",
+            "rules/fraud",
+            "bench/stream/rules",
+            "engine/tests/golden",
+            "engine/tests/golden/rules_ok",
+        ] {
+            for e in std::fs::read_dir(root.join(dir)).expect("dir").flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let golden_error = dir == "engine/tests/golden" && !name.starts_with("ok_");
+                if name.ends_with(".yaml") && !golden_error {
+                    files.push(e.path());
+                }
+            }
+        }
+        assert!(files.len() >= 30, "{} files", files.len());
+        for f in files {
+            let text = std::fs::read_to_string(&f).expect("read");
+            if let Err(d) = parse(&f, &text) {
+                panic!("{d}");
+            }
+        }
+    }
+
+    /// A value cut at a comma inside `{ }` or `[ ]` is refused at its place
+    /// with the quoted form; a document libyaml reads otherwise is refused.
+    #[test]
+    fn values_cut_at_a_comma_and_other_readings_are_refused() {
+        let f = Path::new("x.yaml");
+        let err = parse(f, "a:\n  b: { type: decimal(12,2), required: true }\n").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "x.yaml:2:25: 'decimal(12,2)' is read as two values: inside { } or [ ], a comma ends an unquoted value (in every YAML reader); quote it: \"decimal(12,2)\""
+        );
+        let err = parse(f, "a: [round(x,2), y]\n").unwrap_err().to_string();
+        assert!(err.starts_with("x.yaml:1:13: 'round(x,2)' is read as two values"), "{err}");
+        assert!(
+            parse(f, "a: { type: \"decimal(12,2)\" }\nb: decimal(12,2)\n").is_ok(),
+            "quoted, or in block style"
+        );
+        let options = LoaderOptions::default().prevent_coercion(true);
+        let node = marked_yaml::parse_yaml_with_options(0, "a: { b: x, c: [1, 2] }\n", options).unwrap();
+        for other in ["a: { b: y, c: [1, 2] }", "a: { b: x, c: [1] }", "a: { b: x, d: [1, 2] }", "a: [x]"] {
+            let v: serde_norway::Value = serde_norway::from_str(other).unwrap();
+            assert!(differs(&node, &v).is_some(), "{other}");
+        }
+        let same: serde_norway::Value = serde_norway::from_str("a: { b: x, c: [1, 2] }").unwrap();
+        assert!(differs(&node, &same).is_none());
     }
 }
