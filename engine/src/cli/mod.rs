@@ -24,8 +24,30 @@ use crate::spec::{self, template, LoadOptions};
     after_help = "Exit status: 0 ok, 1 a check or test failed, 2 invalid spec/rules/flags, 3 runtime failure."
 )]
 pub struct Cli {
+    /// Log lines as text, or as JSON objects one per line (timestamp,
+    /// level, message, fields such as node, and the pipeline and run id).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The span every log line of a run carries: its pipeline and run id.
+pub fn run_span(pipeline: &str, run_id: &str) -> tracing::Span {
+    tracing::info_span!("run", pipeline = %pipeline, run_id = %run_id)
+}
+
+/// A new run id: the pipeline's name and the clock.
+pub fn new_run_id(pipeline: &str) -> String {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{pipeline}-{nanos:x}")
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,7 +118,7 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    init_logging(matches!(cli.command, Command::Stream(_)));
+    init_logging(matches!(cli.command, Command::Stream(_)), cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -134,14 +156,18 @@ async fn run(cli: Cli) -> Result<i32> {
 
 /// Logs go to stderr; `ENGINE_LOG` sets the filter. A stream logs its
 /// progress, reloads and retries by default.
-fn init_logging(stream: bool) {
+fn init_logging(stream: bool, format: LogFormat) {
     let default = if stream { "warn,engine=info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ENGINE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(ansi).try_init(),
+        // For log collectors: the event's fields at the top level, the
+        // run's (pipeline, run_id) under "span".
+        LogFormat::Json => {
+            builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init()
+        }
+    };
 }

@@ -38,8 +38,10 @@ pub async fn run(args: Args) -> Result<i32> {
         full_refresh: args.full_refresh,
         progress: std::io::stderr().is_terminal(),
         given: None,
+        run_id: Some(super::new_run_id(&plan.spec.pipeline.name)),
     };
-    let (report, outcome) = run::run(&plan, &opts).await;
+    let span = super::run_span(&plan.spec.pipeline.name, opts.run_id.as_deref().unwrap_or_default());
+    let (report, outcome) = tracing::Instrument::instrument(run::run(&plan, &opts), span).await;
     if !report.nodes.is_empty() || outcome.is_ok() {
         eprint!("{}", report.summary());
     }

@@ -55,7 +55,8 @@ pub async fn run(args: Args) -> Result<i32> {
         duration: args.duration,
         shard: args.shard,
     };
-    let summary = stream::run(&plan, opts).await?;
+    let span = super::run_span(&plan.spec.pipeline.name, &super::new_run_id(&plan.spec.pipeline.name));
+    let summary = tracing::Instrument::instrument(stream::run(&plan, opts), span).await?;
     let written: Vec<String> = summary.written.iter().map(|(s, n)| format!("{s}: {n} rows")).collect();
     eprintln!(
         "stream stopped: {} events in {} batches{}{}{}",

@@ -57,6 +57,8 @@ pub struct RunOptions {
     pub given: Option<std::collections::HashMap<String, RecordBatch>>,
     /// Show progress on the terminal.
     pub progress: bool,
+    /// The run's id (a new one when `None`).
+    pub run_id: Option<String>,
 }
 
 /// Runs the plan. The report says how far it got (`Status`), also when the
@@ -64,7 +66,7 @@ pub struct RunOptions {
 pub async fn run(plan: &Plan, opts: &RunOptions) -> (RunReport, Result<()>) {
     let mut ex = match Executor::new(plan, opts) {
         Ok(ex) => ex,
-        Err(e) => return (RunReport::new(&plan.spec.pipeline.name), Err(e)),
+        Err(e) => return (RunReport::new(&plan.spec.pipeline.name, opts.run_id.as_deref()), Err(e)),
     };
     let started = Instant::now();
     let mut outcome = ex.start_history().await;
@@ -98,7 +100,7 @@ pub(crate) async fn run_collect(
 ) -> (RunReport, Result<std::collections::HashMap<String, Vec<RecordBatch>>>) {
     let mut ex = match Executor::new(plan, opts) {
         Ok(ex) => ex,
-        Err(e) => return (RunReport::new(&plan.spec.pipeline.name), Err(e)),
+        Err(e) => return (RunReport::new(&plan.spec.pipeline.name, opts.run_id.as_deref()), Err(e)),
     };
     let outcome = ex.run_nodes().await;
     let mut outputs = std::collections::HashMap::new();
@@ -141,7 +143,7 @@ impl<'a> Executor<'a> {
             .tempdir()
             .map_err(|e| Error::io(&std::env::temp_dir(), e))?;
         let selected = select(plan, &opts.select)?;
-        let report = RunReport::new(&plan.spec.pipeline.name);
+        let report = RunReport::new(&plan.spec.pipeline.name, opts.run_id.as_deref());
         Ok(Self {
             plan,
             opts,

@@ -30,13 +30,9 @@ pub struct RunReport {
 }
 
 impl RunReport {
-    pub fn new(pipeline: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+    pub fn new(pipeline: &str, run_id: Option<&str>) -> Self {
         Self {
-            run_id: format!("{pipeline}-{nanos:x}"),
+            run_id: run_id.map_or_else(|| crate::cli::new_run_id(pipeline), str::to_string),
             pipeline: pipeline.to_string(),
             status: Status::Ok,
             seconds: 0.0,

@@ -53,6 +53,7 @@ async fn run_one(plan: &Plan, t: &SpecTest) -> Result<Vec<String>> {
         full_refresh: false,
         progress: false,
         given: Some(given),
+        run_id: None,
     };
     let (report, outputs) = run_collect(plan, &opts, &nodes).await;
     let outputs = outputs?;

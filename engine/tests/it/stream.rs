@@ -993,3 +993,41 @@ fn every_metric_shows_at_zero_before_the_first_event() {
     }
     assert_eq!(stop(engine), 0, "{}", s.logs());
 }
+
+/// `--log-format json`: every log line is a JSON object with its time,
+/// level and message, the pipeline and run id, and its fields (the node).
+#[test]
+fn json_logs_parse_line_by_line() {
+    let s = Setup::new("json_logs", "stream: $STREAM\n    group: fraud", None);
+    let expected = produce(&s.stream, 1, 50);
+    let out = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .current_dir(&s.dir)
+        .args(["stream", "fraud.yaml", "--max-events", "50", "--log-format", "json"])
+        .env("REDIS_URL", &s.redis_url)
+        .env("DWH_DATABASE_URL", &s.dwh_url)
+        .env("ENGINE_LOG", "info")
+        .output()
+        .expect("engine runs");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(s.alert_ids(), expected);
+    let stderr = text(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "{stderr}");
+    let mut run_ids = BTreeSet::new();
+    for l in &lines {
+        assert!(l["timestamp"].is_string() && l["level"].is_string() && l["message"].is_string(), "{l}");
+        assert_eq!(l["span"]["pipeline"], "fraud", "{l}");
+        run_ids.insert(l["span"]["run_id"].as_str().expect("run id").to_string());
+    }
+    assert_eq!(run_ids.len(), 1, "one run id: {run_ids:?}");
+    assert!(lines.iter().any(|l| l["node"] == "flagged" && l["message"] == "rules loaded"), "{stderr}");
+    let plain: Vec<&str> = stderr.lines().filter(|l| !l.starts_with('{')).collect();
+    assert!(
+        plain.iter().all(|l| l.starts_with("stream stopped: ")),
+        "only the summary is not JSON: {plain:?}"
+    );
+}
