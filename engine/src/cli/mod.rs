@@ -43,12 +43,7 @@ pub fn run_span(pipeline: &str, run_id: &str) -> tracing::Span {
     tracing::info_span!("run", pipeline = %pipeline, run_id = %run_id)
 }
 
-/// A new run id: the pipeline's name and the clock.
-pub fn new_run_id(pipeline: &str) -> String {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{pipeline}-{nanos:x}")
-}
+pub use crate::run::report::new_run_id;
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -129,7 +124,9 @@ pub fn main() -> i32 {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("{}", render_error(&e));
+            // Every error path ends here: the secrets of the specs loaded
+            // are masked however the message was made.
+            eprintln!("{}", crate::spec::redact::scrub(&render_error(&e)));
             e.exit_code()
         }
     }
@@ -161,7 +158,8 @@ fn init_logging(stream: bool, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ENGINE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| crate::spec::redact::ScrubbedStderr);
     let _ = match format {
         LogFormat::Text => builder.with_ansi(ansi).try_init(),
         // For log collectors: the event's fields at the top level, the

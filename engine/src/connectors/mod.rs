@@ -359,11 +359,10 @@ impl Backoff {
 /// An error of connection `name` to a `system` (postgres, mongodb, redis):
 /// it names the connection and shows its URL and message without the password.
 pub fn external(system: &str, name: &str, url: &str, e: impl std::fmt::Display) -> Error {
-    let msg = e.to_string();
-    let msg = match crate::spec::redact::url_password(url) {
-        Some(p) => msg.replace(&p, "***"),
-        None => msg,
-    };
+    let mut msg = e.to_string();
+    for secret in crate::spec::redact::url_secrets(url) {
+        msg = msg.replace(&secret, "***");
+    }
     let url = crate::spec::redact::redact_url(url);
     Error::External { system: format!("{system} connection '{name}' ({url})"), message: msg }
 }

@@ -29,10 +29,17 @@ pub struct RunReport {
     pub error: Option<String>,
 }
 
+/// A new run id: the pipeline's name and the clock.
+pub fn new_run_id(pipeline: &str) -> String {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{pipeline}-{nanos:x}")
+}
+
 impl RunReport {
     pub fn new(pipeline: &str, run_id: Option<&str>) -> Self {
         Self {
-            run_id: run_id.map_or_else(|| crate::cli::new_run_id(pipeline), str::to_string),
+            run_id: run_id.map_or_else(|| new_run_id(pipeline), str::to_string),
             pipeline: pipeline.to_string(),
             status: Status::Ok,
             seconds: 0.0,

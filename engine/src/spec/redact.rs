@@ -1,30 +1,94 @@
 //! Keeps secrets out of everything the engine prints.
 //!
-//! Passwords reach a spec only through connection URLs rendered from `env`;
-//! every such password is collected here and masked wherever the engine shows
-//! text derived from the spec (errors, graphs, logs, reports).
+//! Passwords reach a spec through connection URLs rendered from `env` or
+//! `file(...)`: in the user info (`user:password@`), in the query string
+//! (`?password=...`), written plain or percent-encoded. Every such secret is
+//! collected when a spec loads, kept for the process (so that the CLI can
+//! mask errors and log lines however they were made), and masked wherever
+//! the engine shows text.
+
+use std::sync::Mutex;
 
 use super::model::Pipeline;
+
+/// Query parameters whose values are secrets.
+const SECRET_PARAMS: &[&str] =
+    &["password", "pass", "pwd", "sslpassword", "secret", "token", "apikey", "api_key"];
+
+/// Every secret of every spec loaded in this process.
+static KNOWN: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 #[derive(Debug, Clone, Default)]
 pub struct Secrets(Vec<String>);
 
 impl Secrets {
     pub fn from_pipeline(p: &Pipeline) -> Self {
-        Secrets(p.connections.values().filter_map(|c| url_password(c.url())).collect())
+        let secrets: Vec<String> = p.connections.values().flat_map(|c| url_secrets(c.url())).collect();
+        remember(&secrets);
+        Secrets(secrets)
     }
 
     /// `text` with every known secret replaced by `***`.
     pub fn scrub(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        for s in &self.0 {
-            out = out.replace(s.as_str(), "***");
-        }
-        out
+        mask(text, &self.0)
     }
 }
 
-/// The password in `scheme://user:password@host`, if any.
+/// Keeps `secrets` for [`scrub`].
+pub fn remember(secrets: &[String]) {
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    for s in secrets {
+        if !known.contains(s) {
+            known.push(s.clone());
+        }
+    }
+    // Longest first: a secret that contains another is masked whole.
+    known.sort_by_key(|s| std::cmp::Reverse(s.len()));
+}
+
+/// `text` with every secret of the specs loaded so far replaced by `***`.
+pub fn scrub(text: &str) -> String {
+    let known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    mask(text, &known)
+}
+
+fn mask(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| s.len() >= 3) {
+        out = out.replace(s.as_str(), "***");
+    }
+    out
+}
+
+/// The secrets of a URL: the password of `scheme://user:password@host` and
+/// the values of secret query parameters, as written and percent-decoded.
+pub fn url_secrets(url: &str) -> Vec<String> {
+    let mut raw = Vec::new();
+    if let Some(p) = url_password(url) {
+        raw.push(p);
+    }
+    if let Some((_, query)) = url.split_once('?') {
+        let query = query.split('#').next().unwrap_or_default();
+        for pair in query.split('&') {
+            if let Some((k, v)) = pair.split_once('=') {
+                if SECRET_PARAMS.contains(&k.to_ascii_lowercase().as_str()) && !v.is_empty() {
+                    raw.push(v.to_string());
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for r in raw {
+        let decoded = percent_encoding::percent_decode_str(&r).decode_utf8_lossy().into_owned();
+        if decoded != r {
+            out.push(decoded);
+        }
+        out.push(r);
+    }
+    out
+}
+
+/// The password in `scheme://user:password@host`, as written, if any.
 pub fn url_password(url: &str) -> Option<String> {
     let (_, rest) = url.split_once("://")?;
     let authority = rest.split(['/', '?', '#']).next()?;
@@ -33,11 +97,42 @@ pub fn url_password(url: &str) -> Option<String> {
     (!password.is_empty()).then(|| password.to_string())
 }
 
-/// A URL safe to print: its password replaced by `***`.
+/// A URL safe to print: its password and secret query values replaced by `***`.
 pub fn redact_url(url: &str) -> String {
-    match url_password(url) {
+    let mut out = match url_password(url) {
         Some(p) => url.replacen(&format!(":{p}@"), ":***@", 1),
         None => url.to_string(),
+    };
+    if let Some((head, query)) = out.clone().split_once('?') {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if SECRET_PARAMS.contains(&k.to_ascii_lowercase().as_str()) => {
+                    format!("{k}=***")
+                }
+                _ => pair.to_string(),
+            })
+            .collect();
+        out = format!("{head}?{}", pairs.join("&"));
+    }
+    out
+}
+
+/// Standard error, with every known secret masked: what the log lines of
+/// the process are written to.
+pub struct ScrubbedStderr;
+
+impl std::io::Write for ScrubbedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // A log line arrives whole (tracing formats it first), so a secret
+        // is never split between two writes.
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(scrub(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 
@@ -50,5 +145,11 @@ mod tests {
         assert_eq!(redact_url("postgres://app:s3cr@t@db:5432/x"), "postgres://app:***@db:5432/x");
         assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         assert_eq!(url_password("mongodb://u:pw@h/"), Some("pw".into()));
+        assert_eq!(
+            redact_url("postgres://app@db/x?sslmode=require&password=hunter2"),
+            "postgres://app@db/x?sslmode=require&password=***"
+        );
+        assert_eq!(url_secrets("postgres://app:p%40ss@db/x"), vec!["p@ss".to_string(), "p%40ss".to_string()]);
+        assert_eq!(url_secrets("redis://h/?token=abc"), vec!["abc".to_string()]);
     }
 }

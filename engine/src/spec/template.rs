@@ -43,8 +43,21 @@ impl Default for Templater {
     fn default() -> Self {
         let mut jinja = Environment::new();
         jinja.set_undefined_behavior(UndefinedBehavior::Strict);
+        jinja.add_function("file", read_secret_file);
         Self { jinja }
     }
+}
+
+/// `file('/run/secrets/NAME')`: a file's text without its final newline, as
+/// Docker and Kubernetes mount secrets. The text is masked in all output.
+fn read_secret_file(path: String) -> Result<String, minijinja::Error> {
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        minijinja::Error::new(ErrorKind::InvalidOperation, format!("file('{path}'): cannot read it: {e}"))
+    })?;
+    let text =
+        text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text).to_string();
+    crate::spec::redact::remember(std::slice::from_ref(&text));
+    Ok(text)
 }
 
 impl Templater {

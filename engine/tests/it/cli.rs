@@ -142,3 +142,92 @@ fn rules_check_reports_every_broken_file() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "ok: 3 rules in 2 files");
 }
+
+/// Every command, with a password in each URL form (user info, query
+/// string, percent-encoded, read by `file()`), in every connection: the
+/// password is in no output, no log line (debug, text and JSON) and no
+/// report, although every connection fails and is reported.
+#[test]
+fn passwords_are_in_no_output_log_or_report() {
+    let dir = super::scratch("secrets");
+    std::fs::write(dir.join("pg_secret"), "Zx9file\n").expect("secret file");
+    let secret_file = dir.join("pg_secret").display().to_string();
+    let pg_file = format!("postgres://app:{{{{ file('{secret_file}') }}}}@127.0.0.1:1/db");
+    let forms = [
+        ("user info", "postgres://app:Zx9userinfo@127.0.0.1:1/db".to_string()),
+        ("query string", "postgres://app@127.0.0.1:1/db?sslmode=disable&password=Zx9query".to_string()),
+        ("percent-encoded", "postgres://app:Zx9%25pct%40x@127.0.0.1:1/db".to_string()),
+    ];
+    // file(): the URL is the template itself, in a copy of the spec.
+    let dwh = std::fs::read_to_string(repo_dir().join("pipelines/dwh.yaml")).expect("dwh.yaml");
+    let templated = dwh
+        .replace(
+            "{{ env.SOURCE_DATABASE_URL | default('postgres://postgres@127.0.0.1:5432/transactional_db') }}",
+            &pg_file,
+        )
+        .replace(
+            "migrations: ../migrations/dwh",
+            &format!("migrations: \"{}\"", repo_dir().join("migrations/dwh").display()),
+        );
+    assert!(templated.contains("file('"), "pipelines/dwh.yaml changed its oltp url");
+    std::fs::write(dir.join("dwh_file.yaml"), templated).expect("spec");
+    let report = dir.join("report.json");
+    let mut runs = 0;
+    for (form, url) in forms
+        .iter()
+        .map(|(f, u)| (*f, u.clone()))
+        .chain([("file()", "postgres://app:Zx9env@127.0.0.1:1/db".to_string())])
+    {
+        let env = [
+            ("SOURCE_DATABASE_URL", url.as_str()),
+            ("DWH_DATABASE_URL", url.as_str()),
+            (
+                "MONGODB_URL",
+                "mongodb://app:Zx9mongo@127.0.0.1:1/?serverSelectionTimeoutMS=300&connectTimeoutMS=300",
+            ),
+            ("REDIS_URL", "redis://:Zx9redis@127.0.0.1:1"),
+            ("ENGINE_LOG", "debug"),
+        ];
+        let dwh = if form == "file()" {
+            dir.join("dwh_file.yaml").display().to_string()
+        } else {
+            repo_dir().join("pipelines/dwh.yaml").display().to_string()
+        };
+        let fraud = repo_dir().join("pipelines/fraud.yaml").display().to_string();
+        let report_arg = report.display().to_string();
+        let commands: Vec<Vec<&str>> = vec![
+            vec!["validate", &dwh, "--connect"],
+            vec!["validate", &fraud, "--connect"],
+            vec!["graph", &dwh],
+            vec!["run", &dwh, "--report", &report_arg],
+            vec!["run", &dwh, "--log-format", "json"],
+            vec!["stream", &fraud, "--for", "2s"],
+            vec!["stream", &fraud, "--for", "2s", "--log-format", "json"],
+        ];
+        for args in commands {
+            let _ = std::fs::remove_file(&report);
+            let out = super::engine_env(&dir, &args, &env);
+            runs += 1;
+            let all = format!(
+                "{}{}{}",
+                text(&out.stdout),
+                text(&out.stderr),
+                std::fs::read_to_string(&report).unwrap_or_default()
+            );
+            assert!(!all.contains("Zx9"), "{form}: `engine {}` shows a password:\n{all}", args.join(" "));
+            if args[0] != "graph" {
+                assert_ne!(
+                    out.status.code(),
+                    Some(0),
+                    "{form}: `engine {}` reached nothing:\n{all}",
+                    args.join(" ")
+                );
+                assert!(
+                    all.contains("***") || all.contains("127.0.0.1:1"),
+                    "{form}: the failure is reported:\n{all}"
+                );
+            }
+        }
+    }
+    assert_eq!(runs, 28);
+}
