@@ -34,6 +34,9 @@ struct WindowPlan {
     signature: String,
     /// With a time column: how long events are held for event-time order.
     lateness: Option<std::time::Duration>,
+    /// Rules with the same time column and lateness share their held rows
+    /// (held and released once): this names that hold.
+    hold: String,
 }
 
 /// What a rule set keeps between batches: each windowed rule's windows
@@ -176,27 +179,32 @@ impl CompiledRules {
         RuleState { windows, held }
     }
 
-    /// The windowed rules that hold rows for event-time order, by
-    /// signature, with their lateness.
+    /// The holds of the windowed rules that hold rows for event-time
+    /// order (one per time column and lateness), with their lateness.
     pub fn held_rules(&self) -> Vec<(&str, std::time::Duration)> {
-        self.rules
-            .iter()
-            .filter_map(|r| r.window.as_ref())
-            .filter_map(|w| Some((w.signature.as_str(), w.lateness?)))
-            .collect()
+        let mut out: Vec<(&str, std::time::Duration)> = Vec::new();
+        for w in self.rules.iter().filter_map(|r| r.window.as_ref()) {
+            if let Some(l) = w.lateness {
+                if !out.iter().any(|(h, _)| *h == w.hold) {
+                    out.push((w.hold.as_str(), l));
+                }
+            }
+        }
+        out
     }
 
-    /// Each holding rule's event times in `batch`.
+    /// Each hold's event times in `batch`.
     pub fn timed(&self, batch: &RecordBatch) -> Result<Vec<Timed<'_>>, String> {
-        self.rules
-            .iter()
-            .filter_map(|r| r.window.as_ref())
-            .filter_map(|w| Some((w, w.lateness?)))
-            .map(|(w, lateness)| {
-                let times = event_times(w, batch)?.unwrap_or_else(|| Int64Array::from(Vec::<i64>::new()));
-                Ok(Timed { rule: w.signature.as_str(), lateness, times })
-            })
-            .collect()
+        let mut out: Vec<Timed<'_>> = Vec::new();
+        for w in self.rules.iter().filter_map(|r| r.window.as_ref()) {
+            let Some(lateness) = w.lateness else { continue };
+            if out.iter().any(|t| t.rule == w.hold) {
+                continue;
+            }
+            let times = event_times(w, batch)?.unwrap_or_else(|| Int64Array::from(Vec::<i64>::new()));
+            out.push(Timed { rule: w.hold.as_str(), lateness, times });
+        }
+        Ok(out)
     }
 
     /// Each window's signature (what identifies its state), its number of
@@ -244,9 +252,11 @@ impl CompiledRules {
             let (state, input, late) = match &rule.window {
                 Some(w) => {
                     let state = states.remove(w.signature.as_str()).ok_or("window state missing")?;
-                    match released.remove(w.signature.as_str()) {
-                        Some((r, late)) if r.batch.num_rows() > 0 => (Some(state), Input::Held(r), late),
-                        Some((_, late)) => (Some(state), Input::Nothing, late),
+                    match released.get(w.hold.as_str()).filter(|_| w.lateness.is_some()) {
+                        Some((r, late)) if r.batch.num_rows() > 0 => {
+                            (Some(state), Input::Held(r.clone()), *late)
+                        }
+                        Some((_, late)) => (Some(state), Input::Nothing, *late),
                         None => (Some(state), Input::Batch, 0),
                     }
                 }
@@ -258,7 +268,7 @@ impl CompiledRules {
         let fire = |rule: &CompiledRule, state: Option<&mut Windows>, input: Input| -> Fired {
             let (rows, parts) = match &input {
                 Input::Batch => (batch, partitions),
-                Input::Held(r) => (&r.batch, Some(r.partitions.as_slice())),
+                Input::Held(r) => (&r.batch, Some(&r.partitions[..])),
                 Input::Nothing => return Ok(None),
             };
             match (&rule.window, state) {
@@ -416,7 +426,12 @@ fn compile_rule(
                 format!("{}|{:?}|{:?}|{}|{}", r.id.value(), w.by, w.time, w.size.value(), r.when.value());
             let funcs = aggs.iter().map(|a| a.func).collect();
             let lateness = lr.allowed_lateness();
-            (when, reason, Some(WindowPlan { by, time, size, funcs, args, schema, signature, lateness }))
+            let hold = format!("hold|{:?}|{}", w.time, lateness.unwrap_or_default().as_micros());
+            (
+                when,
+                reason,
+                Some(WindowPlan { by, time, size, funcs, args, schema, signature, lateness, hold }),
+            )
         }
     };
     let ty = when

@@ -34,16 +34,17 @@ pub type RowKey = (i64, u64, u32);
 /// Column holding each stored row's place in its batch.
 const ROW: &str = "__row";
 
-/// Rows one rule released, in time order, with each row's partition.
+/// Rows one hold released, in time order, with each row's partition.
+#[derive(Clone)]
 pub struct Released {
     pub batch: RecordBatch,
-    pub partitions: Vec<u32>,
+    pub partitions: Arc<[u32]>,
 }
 
 impl Released {
     /// No rows, of `like`'s schema.
     pub fn none(like: &RecordBatch) -> Self {
-        Self { batch: RecordBatch::new_empty(like.schema()), partitions: Vec::new() }
+        Self { batch: RecordBatch::new_empty(like.schema()), partitions: Arc::from(Vec::new()) }
     }
 }
 
@@ -274,15 +275,38 @@ impl Held {
             return Ok(None);
         }
         out.sort_unstable_by_key(|r| r.0);
-        let mut order: Vec<u64> = out.iter().map(|r| r.1).collect();
-        order.sort_unstable();
-        order.dedup();
-        let batches: Vec<&RecordBatch> =
-            order.iter().map(|s| &self.slots.get(s).expect("a held row's batch").batch).collect();
-        let indices: Vec<(usize, usize)> =
-            out.iter().map(|r| (order.binary_search(&r.1).unwrap_or_default(), r.2 as usize)).collect();
-        let batch = interleave_record_batch(&batches, &indices).map_err(|e| e.to_string())?;
-        let partitions = out.iter().map(|r| r.3).collect();
+        // Events that arrived in order come out as long runs of one batch:
+        // slices of those (no copy, or one copy to join them), rather than
+        // a gather row by row.
+        let mut runs: Vec<(u64, usize, usize)> = Vec::new();
+        for r in &out {
+            match runs.last_mut() {
+                Some(run) if run.0 == r.1 && run.1 + run.2 == r.2 as usize => run.2 += 1,
+                _ => runs.push((r.1, r.2 as usize, 1)),
+            }
+        }
+        let slot = |s: &u64| self.slots.get(s).map(|s| &s.batch).ok_or("a held row's batch is gone");
+        let batch = if runs.len() * 16 <= out.len() {
+            let parts = runs
+                .iter()
+                .map(|(s, at, len)| Ok(slot(s)?.slice(*at, *len)))
+                .collect::<Result<Vec<_>, String>>()?;
+            match parts.as_slice() {
+                [one] => one.clone(),
+                _ => datafusion::arrow::compute::concat_batches(&parts[0].schema(), &parts)
+                    .map_err(|e| e.to_string())?,
+            }
+        } else {
+            let mut order: Vec<u64> = out.iter().map(|r| r.1).collect();
+            order.sort_unstable();
+            order.dedup();
+            let batches = order.iter().map(slot).collect::<Result<Vec<_>, _>>()?;
+            let indices: Vec<(usize, usize)> =
+                out.iter().map(|r| (order.binary_search(&r.1).unwrap_or_default(), r.2 as usize)).collect();
+            interleave_record_batch(&batches, &indices).map_err(|e| e.to_string())?
+        };
+        let partitions: Vec<u32> = out.iter().map(|r| r.3).collect();
+        let partitions = Arc::from(partitions);
         for (_, slot, _, p) in &out {
             self.unref_partition(*slot, *p);
         }

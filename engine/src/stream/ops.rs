@@ -73,15 +73,22 @@ impl RulesOp {
             .into_iter()
             .map(|(sig, stride, _)| (self.field_prefix(sig), sig.to_string(), stride))
             .collect();
+        let holds: Vec<([u8; 8], String)> = self
+            .current
+            .held_rules()
+            .into_iter()
+            .map(|(hold, _)| (self.field_prefix(hold), hold.to_string()))
+            .collect();
         let held = self.held_prefix();
         let mut restored = Restored::default();
         let fields =
             || saved.iter().filter_map(|s| Some((s, s.value.as_deref()?, s.field.split_first_chunk::<8>()?)));
         for (s, value, (prefix, key)) in fields() {
-            let Some((_, sig, stride)) = sigs.iter().find(|(p, _, _)| p == prefix) else { continue };
-            if self.state.held.restore_mark(sig, s.partition, key, value) {
+            if let Some((_, hold)) = holds.iter().find(|(p, _)| p == prefix) {
+                self.state.held.restore_mark(hold, s.partition, key, value);
                 continue;
             }
+            let Some((_, sig, stride)) = sigs.iter().find(|(p, _, _)| p == prefix) else { continue };
             if let Some(w) = self.state.windows.get_mut(sig) {
                 restored.keys += usize::from(w.restore(s.partition, key, value, *stride));
             }
