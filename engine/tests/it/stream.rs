@@ -1031,3 +1031,32 @@ fn json_logs_parse_line_by_line() {
         "only the summary is not JSON: {plain:?}"
     );
 }
+
+/// Without a dead letter, refused messages are logged with their reason but
+/// not their payload (personal data), unless the source says `log_payloads: true`.
+#[test]
+fn refused_payloads_are_logged_only_when_the_source_asks() {
+    for (name, extra, shown) in [("nolog", "", false), ("log", "\n    log_payloads: true", true)] {
+        let s = Setup::new(
+            &format!("payloads_{name}"),
+            &format!("stream: $STREAM\n    group: fraud{extra}"),
+            None,
+        );
+        let spec = std::fs::read_to_string(&s.spec).expect("spec");
+        let line = format!("    dead_letter: {{ stream: {}.dlq }}\n", s.stream);
+        assert!(spec.contains(&line), "{spec}");
+        std::fs::write(&s.spec, spec.replace(&line, "")).expect("spec");
+        let mut c = redis();
+        xadd(&mut c, &s.stream, r#"{"transaction_id": 1, "customer_name": "Jane Q. Public", "amount": "#);
+        xadd(&mut c, &s.stream, &event(2, 1, 2500.0, "USD"));
+        let mut engine = s.start(&["--max-events", "1"]);
+        assert_eq!(engine.wait().expect("exits").code(), Some(0), "{}", s.logs());
+        let logs = s.logs();
+        assert!(logs.contains("message refused (no dead_letter configured): "), "{logs}");
+        assert_eq!(logs.contains("Jane Q. Public"), shown, "{name}: {logs}");
+        if !shown {
+            assert!(logs.contains("not shown (log_payloads: true shows it)"), "{logs}");
+        }
+        assert_eq!(s.alert_ids(), BTreeSet::from(["large_amount:2".to_string()]));
+    }
+}

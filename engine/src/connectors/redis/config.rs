@@ -87,6 +87,11 @@ pub struct RedisSource {
     /// Larger messages go to the dead letter (default 1048576).
     #[serde(default)]
     pub max_message_bytes: Option<u64>,
+    /// Without a `dead_letter`, refused messages are logged with their
+    /// reason; `true` logs their payload too (transactions are personal
+    /// data, so by default it is left out).
+    #[serde(default)]
+    pub log_payloads: bool,
 }
 
 fn default_payload_field() -> String {

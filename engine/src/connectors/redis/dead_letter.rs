@@ -32,10 +32,12 @@ enum Target {
 pub struct DeadLetters {
     source: String,
     target: Target,
+    /// Log lines show refused payloads (`log_payloads: true`).
+    log_payloads: bool,
 }
 
 impl DeadLetters {
-    pub fn new(spec: &Spec, source: &str, dl: Option<&DeadLetterSpec>) -> Self {
+    pub fn new(spec: &Spec, source: &str, dl: Option<&DeadLetterSpec>, log_payloads: bool) -> Self {
         let target = match dl {
             Some(DeadLetterSpec { stream: Some(s), .. }) => Target::Stream(s.clone()),
             Some(DeadLetterSpec { connection: Some(c), table: Some(t), .. }) => {
@@ -56,7 +58,7 @@ impl DeadLetters {
             }
             _ => Target::Log,
         };
-        Self { source: source.to_string(), target }
+        Self { source: source.to_string(), target, log_payloads }
     }
 
     /// Stores `letters`; on error nothing may be acknowledged.
@@ -112,11 +114,21 @@ impl DeadLetters {
             }
             Target::Log => {
                 for l in letters {
+                    let payload = if self.log_payloads {
+                        format!(
+                            "payload: {}",
+                            String::from_utf8_lossy(&l.payload[..l.payload.len().min(200)])
+                        )
+                    } else {
+                        format!(
+                            "payload of {} bytes not shown (log_payloads: true shows it)",
+                            l.payload.len()
+                        )
+                    };
                     tracing::warn!(
                         source = %self.source,
-                        "message refused (no dead_letter configured): {}; payload: {}",
+                        "message refused (no dead_letter configured): {}; {payload}",
                         l.reason,
-                        String::from_utf8_lossy(&l.payload[..l.payload.len().min(200)])
                     );
                 }
             }

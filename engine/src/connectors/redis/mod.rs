@@ -182,10 +182,16 @@ impl OpenStream for RedisSource {
         let acker = Xack {
             client: client(&cfg.connection, &cfg.url)?,
             target,
-            dead: dead_letter::DeadLetters::new(node.spec, node.id, self.dead_letter.as_ref()),
+            dead: dead_letter::DeadLetters::new(
+                node.spec,
+                node.id,
+                self.dead_letter.as_ref(),
+                self.log_payloads,
+            ),
             conn: None,
         };
-        let dead = dead_letter::DeadLetters::new(node.spec, node.id, self.dead_letter.as_ref());
+        let dead =
+            dead_letter::DeadLetters::new(node.spec, node.id, self.dead_letter.as_ref(), self.log_payloads);
         let (tx, rx) = mpsc::channel::<Delivery>(4);
         let control = source::Control { shutdown: args.shutdown, connected: args.connected };
         let task = tokio::spawn(source::run(cfg, args.schema, dead, tx, control));
