@@ -75,10 +75,48 @@ pub fn pipeline_schema() -> Value {
         let doc = defs.get(role).and_then(|d| d.get("description")).cloned().unwrap_or(Value::Null);
         defs.insert(role.into(), json!({ "description": doc, "anyOf": options }));
     }
+    // The short forms of checks the loader reads: `not_null: [a, b]`, `unique: id`.
+    for check in ["NotNullCheck", "UniqueCheck"] {
+        if let Some(def) = defs.get_mut(check) {
+            let long = def.take();
+            let doc = long.get("description").cloned().unwrap_or(Value::Null);
+            *def = json!({ "description": doc, "anyOf": [{ "$ref": "#/$defs/Columns" }, long] });
+        }
+    }
     if let Some(obj) = root.as_object_mut() {
         obj.insert("$defs".into(), Value::Object(defs));
     }
+    templated(&mut root);
     root
+}
+
+/// Values are rendered as templates after parsing, so a number or a
+/// boolean may be written as a template (`rows: "{{ vars.n }}"`): every
+/// schema of such a type also takes a string holding `{{`.
+fn templated(schema: &mut Value) {
+    match schema {
+        Value::Object(obj) => {
+            for v in obj.values_mut() {
+                templated(v);
+            }
+            let typed = |t: &Value| matches!(t.as_str(), Some("integer" | "number" | "boolean"));
+            let takes_value = match obj.get("type") {
+                Some(t @ Value::String(_)) => typed(t),
+                Some(Value::Array(ts)) => ts.iter().any(typed),
+                _ => false,
+            };
+            if takes_value {
+                let original = Value::Object(std::mem::take(obj));
+                let doc = original.get("description").cloned();
+                obj.insert("anyOf".into(), json!([original, { "type": "string", "pattern": "\\{\\{" }]));
+                if let Some(doc) = doc {
+                    obj.insert("description".into(), doc);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(templated),
+        _ => {}
+    }
 }
 
 /// Each kind's name, the reference to its settings' definition, and whether

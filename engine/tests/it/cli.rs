@@ -231,3 +231,55 @@ fn passwords_are_in_no_output_log_or_report() {
     }
     assert_eq!(runs, 28);
 }
+
+/// What an editor with `engine schema` shows: every spec and rule file of
+/// the repository (pipelines, examples, golden `ok_*` specs, rule files) is
+/// valid against the schema, checked by a JSON Schema validator.
+#[test]
+fn every_spec_and_rule_file_is_valid_against_engine_schema() {
+    let schema = |args: &[&str]| -> serde_json::Value {
+        let out = engine(&repo_dir(), args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("the schema is JSON")
+    };
+    let pipelines = jsonschema::validator_for(&schema(&["schema"])).expect("a valid JSON Schema");
+    let rules = jsonschema::validator_for(&schema(&["schema", "--rules"])).expect("a valid JSON Schema");
+    let mut files: Vec<(std::path::PathBuf, bool)> = Vec::new();
+    for (dir, is_rules) in [
+        ("pipelines", false),
+        ("examples", false),
+        ("engine/tests/golden", false),
+        ("rules/fraud", true),
+        ("bench/stream/rules", true),
+        ("engine/tests/golden/rules_ok", true),
+    ] {
+        for e in fs::read_dir(repo_dir().join(dir)).expect("dir").flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.ends_with(".yaml")
+                && (is_rules || dir != "engine/tests/golden" || name.starts_with("ok_"))
+            {
+                files.push((e.path(), is_rules));
+            }
+        }
+    }
+    assert!(files.len() >= 30, "{} files", files.len());
+    let mut problems = Vec::new();
+    for (path, is_rules) in &files {
+        let doc: serde_json::Value =
+            serde_norway::from_str(&fs::read_to_string(path).expect("read")).expect("YAML");
+        let v = if *is_rules { &rules } else { &pipelines };
+        for e in v.iter_errors(&doc) {
+            problems.push(format!("{}: {} at {}", path.display(), e, e.instance_path));
+        }
+    }
+    assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
+    // And it still refuses what the engine refuses.
+    for bad in [
+        "version: 1\nname: x\nsources:\n  a: { type: generate, rows: ten, columns: { id: n } }\n",
+        "version: 1\nname: x\nsources:\n  a: { type: generate, rows: 3, columns: { id: n }, checks: [ { unique: 5 } ] }\n",
+        "version: 1\nname: x\nsources:\n  a: { type: generate, rows: 3, colums: { id: n } }\n",
+    ] {
+        let doc: serde_json::Value = serde_norway::from_str(bad).expect("YAML");
+        assert!(!pipelines.is_valid(&doc), "the schema takes:\n{bad}");
+    }
+}
