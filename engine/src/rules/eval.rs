@@ -32,11 +32,10 @@ struct WindowPlan {
     schema: SchemaRef,
     /// Identifies the window so its state survives reloads that keep it.
     signature: String,
-    /// With a time column: how long events are held for event-time order.
-    lateness: Option<std::time::Duration>,
-    /// Rules with the same time column and lateness share their held rows
-    /// (held and released once): this names that hold.
-    hold: String,
+    /// With a time column: the hold its events wait in for event-time
+    /// order, and how long they may wait. Rules with the same time column
+    /// and lateness share one hold (held and released once).
+    hold: Option<(String, std::time::Duration)>,
 }
 
 /// What a rule set keeps between batches: each windowed rule's windows
@@ -71,6 +70,22 @@ enum Input {
     Nothing,
 }
 
+impl Input {
+    /// The rows to evaluate (`batch` for [`Input::Batch`]) with their
+    /// partitions; `None` for nothing.
+    fn rows<'b>(
+        &'b self,
+        batch: &'b RecordBatch,
+        partitions: Option<&'b [u32]>,
+    ) -> Option<(&'b RecordBatch, Option<&'b [u32]>)> {
+        match self {
+            Input::Batch => Some((batch, partitions)),
+            Input::Held(r) => Some((&r.batch, Some(&r.partitions[..]))),
+            Input::Nothing => None,
+        }
+    }
+}
+
 /// One compiled rule.
 pub struct CompiledRule {
     pub id: String,
@@ -84,7 +99,7 @@ pub struct CompiledRule {
 impl CompiledRule {
     /// Whether the rule holds events back for event-time order.
     pub fn holds(&self) -> bool {
-        self.window.as_ref().is_some_and(|w| w.lateness.is_some())
+        self.window.as_ref().is_some_and(|w| w.hold.is_some())
     }
 }
 
@@ -182,29 +197,31 @@ impl CompiledRules {
     /// The holds of the windowed rules that hold rows for event-time
     /// order (one per time column and lateness), with their lateness.
     pub fn held_rules(&self) -> Vec<(&str, std::time::Duration)> {
-        let mut out: Vec<(&str, std::time::Duration)> = Vec::new();
-        for w in self.rules.iter().filter_map(|r| r.window.as_ref()) {
-            if let Some(l) = w.lateness {
-                if !out.iter().any(|(h, _)| *h == w.hold) {
-                    out.push((w.hold.as_str(), l));
-                }
-            }
-        }
-        out
+        self.holds().map(|(_, hold, lateness)| (hold, lateness)).collect()
     }
 
     /// Each hold's event times in `batch`.
     pub fn timed(&self, batch: &RecordBatch) -> Result<Vec<Timed<'_>>, String> {
-        let mut out: Vec<Timed<'_>> = Vec::new();
-        for w in self.rules.iter().filter_map(|r| r.window.as_ref()) {
-            let Some(lateness) = w.lateness else { continue };
-            if out.iter().any(|t| t.rule == w.hold) {
-                continue;
+        self.holds()
+            .map(|(w, rule, lateness)| {
+                let times = event_times(w, batch)?.unwrap_or_else(|| Int64Array::from(Vec::<i64>::new()));
+                Ok(Timed { rule, lateness, times })
+            })
+            .collect()
+    }
+
+    /// Each hold once, with the first window that uses it (its time
+    /// column is the hold's), its name and its lateness.
+    fn holds(&self) -> impl Iterator<Item = (&WindowPlan, &str, std::time::Duration)> {
+        let mut seen: Vec<&str> = Vec::new();
+        self.rules.iter().filter_map(|r| r.window.as_ref()).filter_map(move |w| {
+            let (hold, lateness) = w.hold.as_ref()?;
+            if seen.contains(&hold.as_str()) {
+                return None;
             }
-            let times = event_times(w, batch)?.unwrap_or_else(|| Int64Array::from(Vec::<i64>::new()));
-            out.push(Timed { rule: w.hold.as_str(), lateness, times });
-        }
-        Ok(out)
+            seen.push(hold);
+            Some((w, hold.as_str(), *lateness))
+        })
     }
 
     /// Each window's signature (what identifies its state), its number of
@@ -235,10 +252,9 @@ impl CompiledRules {
         if batch.num_rows() > 0 && !timed.is_empty() {
             late = state.held.admit(step.seq, batch, partitions, &timed, step.now);
         }
-        let mut released: HashMap<&str, (Released, usize)> = HashMap::new();
+        let mut released: HashMap<&str, (Option<Released>, usize)> = HashMap::new();
         for (t, late) in timed.iter().zip(late) {
-            let r = state.held.release(t.rule, step.flush, step.now)?;
-            released.insert(t.rule, (r.unwrap_or_else(|| Released::none(batch)), late));
+            released.insert(t.rule, (state.held.release(t.rule, step.flush, step.now)?, late));
         }
         // Each windowed rule runs on a thread of its own while this one
         // evaluates the others: its time goes to per-key state spread over
@@ -252,11 +268,9 @@ impl CompiledRules {
             let (state, input, late) = match &rule.window {
                 Some(w) => {
                     let state = states.remove(w.signature.as_str()).ok_or("window state missing")?;
-                    match released.get(w.hold.as_str()).filter(|_| w.lateness.is_some()) {
-                        Some((r, late)) if r.batch.num_rows() > 0 => {
-                            (Some(state), Input::Held(r.clone()), *late)
-                        }
-                        Some((_, late)) => (Some(state), Input::Nothing, *late),
+                    match w.hold.as_ref().and_then(|(hold, _)| released.get(hold.as_str())) {
+                        Some((Some(r), late)) => (Some(state), Input::Held(r.clone()), *late),
+                        Some((None, late)) => (Some(state), Input::Nothing, *late),
                         None => (Some(state), Input::Batch, 0),
                     }
                 }
@@ -266,11 +280,7 @@ impl CompiledRules {
             lates.push(late);
         }
         let fire = |rule: &CompiledRule, state: Option<&mut Windows>, input: Input| -> Fired {
-            let (rows, parts) = match &input {
-                Input::Batch => (batch, partitions),
-                Input::Held(r) => (&r.batch, Some(&r.partitions[..])),
-                Input::Nothing => return Ok(None),
-            };
+            let Some((rows, parts)) = input.rows(batch, partitions) else { return Ok(None) };
             match (&rule.window, state) {
                 (Some(w), Some(state)) => {
                     let aug = with_aggregates(w, rows, state, arrival_us, parts)?;
@@ -285,11 +295,7 @@ impl CompiledRules {
             let pending: Vec<_> = jobs
                 .into_iter()
                 .map(|(rule, state, input)| {
-                    let rows = match &input {
-                        Input::Batch => batch.num_rows(),
-                        Input::Held(r) => r.batch.num_rows(),
-                        Input::Nothing => 0,
-                    };
+                    let rows = input.rows(batch, partitions).map_or(0, |(b, _)| b.num_rows());
                     match state {
                         Some(state) if rows > 0 => {
                             Job::Running(scope.spawn(move || fire(rule, Some(state), input)))
@@ -425,13 +431,8 @@ fn compile_rule(
             let signature =
                 format!("{}|{:?}|{:?}|{}|{}", r.id.value(), w.by, w.time, w.size.value(), r.when.value());
             let funcs = aggs.iter().map(|a| a.func).collect();
-            let lateness = lr.allowed_lateness();
-            let hold = format!("hold|{:?}|{}", w.time, lateness.unwrap_or_default().as_micros());
-            (
-                when,
-                reason,
-                Some(WindowPlan { by, time, size, funcs, args, schema, signature, lateness, hold }),
-            )
+            let hold = lr.allowed_lateness().map(|l| (format!("hold|{:?}|{}", w.time, l.as_micros()), l));
+            (when, reason, Some(WindowPlan { by, time, size, funcs, args, schema, signature, hold }))
         }
     };
     let ty = when

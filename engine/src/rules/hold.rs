@@ -41,13 +41,6 @@ pub struct Released {
     pub partitions: Arc<[u32]>,
 }
 
-impl Released {
-    /// No rows, of `like`'s schema.
-    pub fn none(like: &RecordBatch) -> Self {
-        Self { batch: RecordBatch::new_empty(like.schema()), partitions: Arc::from(Vec::new()) }
-    }
-}
-
 /// The held rows of every windowed rule of one rules transform.
 #[derive(Default)]
 pub struct Held {
@@ -115,8 +108,8 @@ impl Default for Part {
     }
 }
 
-/// A stored change: a rule's release mark (`rule: Some`) or a batch's held
-/// rows (`rule: None`); `value: None` removes it.
+/// A stored change: a hold's release mark (`rule: Some(hold)`) or a batch's
+/// held rows (`rule: None`); `value: None` removes it.
 pub struct HoldWrite {
     pub rule: Option<String>,
     pub partition: u32,
@@ -124,17 +117,16 @@ pub struct HoldWrite {
     pub value: Option<Vec<u8>>,
 }
 
-/// A windowed rule that holds rows: its signature, its lateness and its
-/// rows' event times (µs).
+/// A hold (of the windowed rules sharing a time column and lateness): its
+/// name, its lateness and the rows' event times (µs).
 pub struct Timed<'a> {
     pub rule: &'a str,
     pub lateness: Duration,
     pub times: Int64Array,
 }
 
-fn mark_key() -> Vec<u8> {
-    b"w".to_vec()
-}
+/// The stored key of a hold's release mark.
+const MARK: &[u8] = b"w";
 
 fn rows_key(seq: u64) -> Vec<u8> {
     [b"h".as_slice(), &seq.to_be_bytes()].concat()
@@ -358,7 +350,7 @@ impl Held {
                 out.push(HoldWrite {
                     rule: Some(rule.clone()),
                     partition: *p,
-                    key: mark_key(),
+                    key: MARK.to_vec(),
                     value: Some(value),
                 });
             }
@@ -369,7 +361,7 @@ impl Held {
     /// Puts back a rule's release mark stored by [`Held::changes`]; false
     /// when `key` is not one.
     pub fn restore_mark(&mut self, rule: &str, partition: u32, key: &[u8], value: &[u8]) -> bool {
-        if key != mark_key().as_slice() || value.len() != 20 {
+        if key != MARK || value.len() != 20 {
             return false;
         }
         let Some(hold) = self.rules.get_mut(rule) else { return false };

@@ -15,6 +15,10 @@ use super::model::Pipeline;
 const SECRET_PARAMS: &[&str] =
     &["password", "pass", "pwd", "sslpassword", "secret", "token", "apikey", "api_key"];
 
+fn secret_param(name: &str) -> bool {
+    SECRET_PARAMS.contains(&name.to_ascii_lowercase().as_str())
+}
+
 /// Every secret of every spec loaded in this process.
 static KNOWN: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -71,7 +75,7 @@ pub fn url_secrets(url: &str) -> Vec<String> {
         let query = query.split('#').next().unwrap_or_default();
         for pair in query.split('&') {
             if let Some((k, v)) = pair.split_once('=') {
-                if SECRET_PARAMS.contains(&k.to_ascii_lowercase().as_str()) && !v.is_empty() {
+                if secret_param(k) && !v.is_empty() {
                     raw.push(v.to_string());
                 }
             }
@@ -107,7 +111,7 @@ pub fn redact_url(url: &str) -> String {
         let pairs: Vec<String> = query
             .split('&')
             .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if SECRET_PARAMS.contains(&k.to_ascii_lowercase().as_str()) => {
+                Some((k, _)) if secret_param(k) => {
                     format!("{k}=***")
                 }
                 _ => pair.to_string(),

@@ -81,6 +81,16 @@ pub struct Rule {
 /// How late an event may arrive when a rule does not say.
 pub const DEFAULT_LATENESS: std::time::Duration = std::time::Duration::from_secs(5);
 
+impl RuleMode {
+    /// As written in rule files and metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            RuleMode::Live => "live",
+            RuleMode::Shadow => "shadow",
+        }
+    }
+}
+
 fn yes() -> bool {
     true
 }

@@ -173,8 +173,7 @@ impl RulesOp {
                 metrics::counter!("engine_late_events_total", "node" => self.id.clone(), "rule" => h.rule.clone())
                     .increment(h.late as u64);
             }
-            let mode = if h.mode == crate::spec::rules::RuleMode::Shadow { "shadow" } else { "live" };
-            metrics::counter!("engine_rule_hits_total", "node" => self.id.clone(), "rule" => h.rule, "mode" => mode)
+            metrics::counter!("engine_rule_hits_total", "node" => self.id.clone(), "rule" => h.rule, "mode" => h.mode.label())
                 .increment(h.count as u64);
         }
         if !self.state.windows.is_empty() {
@@ -190,8 +189,7 @@ impl RulesOp {
     fn register_metrics(&self) {
         let node = || self.id.clone();
         for r in &self.current.rules {
-            let mode = if r.mode == crate::spec::rules::RuleMode::Shadow { "shadow" } else { "live" };
-            metrics::counter!("engine_rule_hits_total", "node" => node(), "rule" => r.id.clone(), "mode" => mode)
+            metrics::counter!("engine_rule_hits_total", "node" => node(), "rule" => r.id.clone(), "mode" => r.mode.label())
                 .increment(0);
             if r.holds() {
                 metrics::counter!("engine_late_events_total", "node" => node(), "rule" => r.id.clone())
