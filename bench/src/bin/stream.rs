@@ -5,7 +5,9 @@
 //!
 //! Prints, per transport: events/s sustained (engine and bare, and their
 //! ratio; the median of three runs; on Streams the windows are durable, their
-//! state saved in Redis with every acknowledgement), end-to-end latency
+//! state saved in Redis with every acknowledgement; Streams again with the
+//! two lookup tables of `pipelines/fraud.yaml` joined, a 100,000-row
+//! customer profile and 2,000 merchants, and a rule over them), end-to-end latency
 //! p50/p99 at a fixed 5,000 events/s (event published -> its alert received
 //! on the alerts channel), the engine's peak RSS, and what the window state
 //! costs in Redis memory.
@@ -54,29 +56,49 @@ fn main() {
         pipe.query::<()>(&mut conn).unwrap_or_else(|e| fail(&format!("XADD: {e}")));
     }
     println!("loaded the stream in {:.1}s", started.elapsed().as_secs_f64());
-    let spec = write_spec(&work, "streams", &rules, &format!("stream: {STREAM}\n    group: fraud"));
+    let spec = write_spec(&work, "streams", &rules, &format!("stream: {STREAM}\n    group: fraud"), false);
+    let lookup_rules = with_lookup_rule(&work, &rules);
+    let spec_lookups =
+        write_spec(&work, "lookups", &lookup_rules, &format!("stream: {STREAM}\n    group: fraud"), true);
     // Each throughput figure is the median of RUNS runs, bare consumer and
     // engine back to back in each: the publisher and Redis share the two
     // cores, and single runs vary by a fifth.
-    let (mut bare, mut eng, mut rss_streams) = (vec![], vec![], 0);
+    let mut streams = Vec::new();
     let mut state = (0i64, 0i64);
-    for _ in 0..RUNS {
-        for group in ["bare", "fraud"] {
-            let _: redis::RedisResult<i64> =
-                redis::cmd("XGROUP").arg("DESTROY").arg(STREAM).arg(group).query(&mut conn);
+    let mut lookup_bytes = String::new();
+    for (spec, lookups) in [(&spec, false), (&spec_lookups, true)] {
+        let (mut bare, mut eng, mut rss) = (vec![], vec![], 0);
+        for _ in 0..RUNS {
+            for group in ["bare", "fraud"] {
+                let _: redis::RedisResult<i64> =
+                    redis::cmd("XGROUP").arg("DESTROY").arg(STREAM).arg(group).query(&mut conn);
+            }
+            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(STATE).query(&mut conn);
+            reset_database();
+            bare.push(bare_stream_consumer(n));
+            let log = work.join("lookups.log");
+            let started = Instant::now();
+            let child = spawn_engine_logged(
+                &engine,
+                spec,
+                &["--max-events", &n.to_string()],
+                lookups.then_some(&*log),
+            );
+            rss = rss.max(finish(child).1);
+            eng.push(n as f64 / started.elapsed().as_secs_f64());
+            check_alerts(large);
+            if lookups {
+                lookup_bytes = loaded_lookups(&log);
+            } else {
+                state = window_state(&mut conn);
+            }
         }
-        let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(STATE).query(&mut conn);
-        reset_database();
-        bare.push(bare_stream_consumer(n));
-        let started = Instant::now();
-        let child = spawn_engine(&engine, &spec, &["--max-events", &n.to_string()]);
-        rss_streams = rss_streams.max(finish(child).1);
-        eng.push(n as f64 / started.elapsed().as_secs_f64());
-        check_alerts(large);
-        state = window_state(&mut conn);
+        let what = if lookups { "Streams with lookups" } else { "Streams" };
+        println!("{what} runs, events/s: bare {}, engine {}", list(&bare), list(&eng));
+        streams.push((median(&bare), median(&eng), rss));
     }
-    println!("Streams runs, events/s: bare {}, engine {}", list(&bare), list(&eng));
-    let (bare_streams, engine_streams) = (median(&bare), median(&eng));
+    let [(bare_streams, engine_streams, rss_streams), (bare_lookups, engine_lookups, rss_lookups)] =
+        [streams[0], streams[1]];
 
     // Pub/Sub.
     let limit: Vec<String> = redis::cmd("CONFIG")
@@ -92,7 +114,7 @@ fn main() {
         .arg("pubsub 0 0 0")
         .query(&mut conn);
     reset(&mut conn);
-    let spec_ps = write_spec(&work, "pubsub", &rules, &format!("channel: {CHANNEL}"));
+    let spec_ps = write_spec(&work, "pubsub", &rules, &format!("channel: {CHANNEL}"), false);
     let (mut bare, mut eng, mut rss_pubsub) = (vec![], vec![], 0);
     for _ in 0..RUNS {
         reset_database();
@@ -129,6 +151,10 @@ fn main() {
         "Redis Pub/Sub events/s          {bare_pubsub:>13.0} {engine_pubsub:>10.0} {:>9.2}",
         engine_pubsub / bare_pubsub
     );
+    println!(
+        "Streams, 2 lookups joined       {bare_lookups:>13.0} {engine_lookups:>10.0} {:>9.2}",
+        engine_lookups / bare_lookups
+    );
     println!();
     println!("latency at {LATENCY_RATE} events/s, event published -> alert received:");
     println!("  Redis Streams                 p50 {p50_s:>6.1} ms   p99 {p99_s:>6.1} ms");
@@ -141,6 +167,11 @@ fn main() {
         rss(rss_ls),
         rss(rss_lp)
     );
+    println!(
+        "lookup tables                   {lookup_bytes}; peak RSS with them {:.0} MiB ({:+.0} MiB)",
+        rss(rss_lookups),
+        rss(rss_lookups) - rss(rss_streams)
+    );
     let (keys, bytes) = state;
     if keys > 0 {
         println!(
@@ -150,7 +181,9 @@ fn main() {
             bytes as f64 / keys as f64 * 100_000.0 / (1 << 20) as f64
         );
     }
-    println!("targets: Streams ratio (durable windows) >= 0.60, p99 < 10 ms at {LATENCY_RATE} events/s");
+    println!(
+        "targets: Streams ratio (durable windows) >= 0.60, with 2 lookups >= 0.50; p99 < 10 ms at {LATENCY_RATE} events/s"
+    );
     let _ = std::fs::remove_dir_all(&work);
 }
 
@@ -219,9 +252,68 @@ fn reset(conn: &mut redis::Connection) {
     reset_database();
 }
 
+/// A fresh `bench_stream` database with the warehouse's tables, and the
+/// lookups of `pipelines/fraud.yaml` filled: a profile for each of the
+/// 100,000 customers and 2,000 merchants.
 fn reset_database() {
     psql("postgres", "DROP DATABASE IF EXISTS bench_stream WITH (FORCE)");
     psql("postgres", "CREATE DATABASE bench_stream");
+    let dir = bench::root().join("migrations/dwh");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| fail(&format!("{}: {e}", dir.display())))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    for f in files {
+        psql(
+            "bench_stream",
+            &std::fs::read_to_string(&f).unwrap_or_else(|e| fail(&format!("{}: {e}", f.display()))),
+        );
+    }
+    psql(
+        "bench_stream",
+        "INSERT INTO customer_profile SELECT c, (ARRAY['US','GB','DE','FR','PT'])[1 + c % 5], 10 + c % 90, \
+         50 + (c % 400), 20.0, 900.0, (ARRAY['USD','EUR','GBP','EUR,USD'])[1 + c % 4], 'grocery,travel', now() \
+         FROM generate_series(1, 100000) AS c; \
+         INSERT INTO dim_merchant (merchant_key, merchant_id, name, category, city, country) \
+         SELECT m, 'M' || lpad(m::text, 6, '0'), 'Merchant ' || m, \
+         (ARRAY['grocery','travel','electronics','dining','fuel','entertainment','health','other'])[1 + m % 8], \
+         'City', (ARRAY['US','GB','DE','FR','PT'])[1 + m % 5] FROM generate_series(1, 2000) AS m",
+    );
+}
+
+/// The benchmark's rules and one over the lookups' columns, in a folder.
+fn with_lookup_rule(dir: &Path, rules: &Path) -> PathBuf {
+    let out = dir.join("lookup-rules");
+    std::fs::create_dir_all(&out).unwrap_or_else(|e| fail(&format!("{}: {e}", out.display())));
+    for e in std::fs::read_dir(rules).unwrap_or_else(|e| fail(&format!("{}: {e}", rules.display()))).flatten()
+    {
+        let _ = std::fs::copy(e.path(), out.join(e.file_name()));
+    }
+    let rule = "id: far_above_profile\nseverity: high\n\
+                when: merchant_category = 'electronics' AND merchant_country <> home_country AND amount > 5 * typical_amount\n";
+    std::fs::write(out.join("far_above_profile.yaml"), rule).unwrap_or_else(|e| fail(&format!("rule: {e}")));
+    out
+}
+
+/// `lookup=NAME rows=N bytes=B` of each lookup the engine loaded, from its log.
+fn loaded_lookups(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| l.contains("lookup table loaded")) {
+        let field = |k: &str| {
+            line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).unwrap_or("?").to_string()
+        };
+        let bytes: f64 = field("bytes").parse().unwrap_or(0.0);
+        out.push(format!("{} {} rows {:.1} MiB", field("lookup"), field("rows"), bytes / (1 << 20) as f64));
+    }
+    if out.is_empty() {
+        "none loaded".into()
+    } else {
+        out.join(", ")
+    }
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -236,10 +328,26 @@ fn list(xs: &[f64]) -> String {
 
 /// `pipelines/fraud.yaml` with the benchmark's rules, stream or channel,
 /// dead letter and alerts channel.
-fn write_spec(dir: &Path, name: &str, rules: &Path, source: &str) -> PathBuf {
+/// Without `lookups`, the rules read the events directly, as before the
+/// lookups were joined.
+fn write_spec(dir: &Path, name: &str, rules: &Path, source: &str, lookups: bool) -> PathBuf {
     let root = bench::root();
     let mut spec = std::fs::read_to_string(root.join("pipelines/fraud.yaml"))
         .unwrap_or_else(|e| fail(&format!("pipelines/fraud.yaml: {e}")));
+    if !lookups {
+        let cut = |spec: &str, from: &str, to: &str| -> String {
+            let (Some(a), Some(b)) = (spec.find(from), spec.find(to)) else {
+                fail(&format!("pipelines/fraud.yaml no longer has {from:?} before {to:?}"))
+            };
+            format!("{}{}", &spec[..a], &spec[b..])
+        };
+        spec = cut(&spec, "  # Lookup tables:", "transforms:");
+        spec = cut(&spec, "  enriched:", "  flagged:");
+        spec = spec.replace("    input: enriched\n", "    input: transactions\n");
+        // The spec's tests give the lookups rows.
+        let Some(tests) = spec.find("\ntests:") else { fail("pipelines/fraud.yaml no longer has its tests") };
+        spec.truncate(tests + 1);
+    }
     let edits = [
         ("rules: ../rules/fraud", format!("rules: \"{}\"", rules.display())),
         (
@@ -268,15 +376,28 @@ fn write_spec(dir: &Path, name: &str, rules: &Path, source: &str) -> PathBuf {
 }
 
 fn spawn_engine(engine: &Path, spec: &Path, args: &[&str]) -> Child {
+    spawn_engine_logged(engine, spec, args, None)
+}
+
+/// The engine; with `log`, its log goes there, lookups loaded at info.
+fn spawn_engine_logged(engine: &Path, spec: &Path, args: &[&str], log: Option<&Path>) -> Child {
+    let (filter, stderr) = match log {
+        Some(path) => {
+            let file =
+                std::fs::File::create(path).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
+            ("warn,engine::stream::lookup=info", Stdio::from(file))
+        }
+        None => ("warn", Stdio::inherit()),
+    };
     Command::new(engine)
         .arg("stream")
         .arg(spec)
         .args(args)
-        .env("ENGINE_LOG", "warn")
+        .env("ENGINE_LOG", filter)
         .env("REDIS_URL", redis_url())
         .env("DWH_DATABASE_URL", format!("{SERVER}/bench_stream"))
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .unwrap_or_else(|e| fail(&format!("cannot start the engine: {e}")))
 }

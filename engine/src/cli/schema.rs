@@ -36,6 +36,13 @@ pub fn pipeline_schema() -> Value {
     let catalog = registry::catalog();
     let checks = generator.subschema_for::<Vec<crate::spec::model::Check>>().to_value();
     let batch = generator.subschema_for::<crate::spec::model::BatchSpec>().to_value();
+    let mut refresh = generator.subschema_for::<crate::spec::values::Duration>().to_value();
+    if let Some(obj) = refresh.as_object_mut() {
+        obj.insert(
+            "description".into(),
+            json!("A lookup table of a stream pipeline is read again this often (`5m`); without it, once."),
+        );
+    }
     let refs = [
         ("Connection", refs(&mut generator, &catalog.connections, |_| true)),
         ("Source", refs(&mut generator, &catalog.sources, |k| k.is_none())),
@@ -60,6 +67,7 @@ pub fn pipeline_schema() -> Value {
                 if role == "Source" {
                     props.insert("checks".into(), checks.clone());
                     props.insert("batch".into(), batch.clone());
+                    props.insert("refresh".into(), refresh.clone());
                 }
             }
             if type_required {

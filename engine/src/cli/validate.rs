@@ -27,11 +27,18 @@ pub async fn run(args: Args) -> Result<i32> {
     for path in &args.specs {
         match super::compile(path, &opts).await {
             Ok(plan) => {
-                let problems =
-                    if args.connect { crate::connectors::check::check(&plan).await } else { vec![] };
+                let found = if args.connect {
+                    crate::connectors::check::check(&plan).await
+                } else {
+                    Default::default()
+                };
+                let problems = found.problems;
                 if problems.is_empty() {
                     let connected = if args.connect { ", connections ok" } else { "" };
                     println!("ok: {} ({}{connected})", path.display(), summary(&plan));
+                    for note in found.notes {
+                        println!("  {note}");
+                    }
                 } else {
                     failed += 1;
                     for p in problems {

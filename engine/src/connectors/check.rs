@@ -6,21 +6,39 @@
 use super::{registry, Node};
 use crate::plan::Plan;
 
-/// Problems found, one line each; empty when all is well.
-pub async fn check(plan: &Plan) -> Vec<String> {
-    let mut problems = Vec::new();
+/// What was found: problems, one line each (none when all is well), and
+/// a note per reachable connection (whether it uses TLS).
+#[derive(Debug, Default)]
+pub struct Found {
+    pub problems: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+pub async fn check(plan: &Plan) -> Found {
+    let mut found = Found::default();
     let spec = &plan.spec;
     let pl = &spec.pipeline;
     for (name, c) in &pl.connections {
         if let Some(probe) = registry::probe_connection(c.kind, c.settings.as_ref()) {
-            if let Err(e) = probe.probe(Node { spec, id: name }, None).await {
-                problems.push(spec.secrets.scrub(&e.to_string()));
+            match probe.probe(Node { spec, id: name }, None).await {
+                Ok(Some(note)) => found.notes.push(format!("connection '{name}': {note}")),
+                Ok(None) => {}
+                Err(e) => found.problems.push(spec.secrets.scrub(&e.to_string())),
             }
         }
     }
-    if !problems.is_empty() {
-        return problems;
+    if !found.problems.is_empty() {
+        return found;
     }
+    found.problems = probe_nodes(plan).await;
+    found
+}
+
+/// Every source and sink its connector can probe.
+async fn probe_nodes(plan: &Plan) -> Vec<String> {
+    let mut problems = Vec::new();
+    let spec = &plan.spec;
+    let pl = &spec.pipeline;
     for (id, s) in &pl.sources {
         if let Some(probe) = registry::probe_source(s.kind, s.settings.as_ref()) {
             if let Err(e) = probe.probe(Node { spec, id }, None).await {

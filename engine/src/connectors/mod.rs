@@ -329,10 +329,11 @@ pub trait OpenStreamSink: Send + Sync {
 }
 
 /// `engine validate --connect`: reaches the system and checks what can be
-/// checked there (tables exist, columns fit `input`).
+/// checked there (tables exist, columns fit `input`). `Ok(Some(note))` is
+/// worth telling about a working one (a connection's TLS).
 #[async_trait::async_trait]
 pub trait Probe: Send + Sync {
-    async fn probe(&self, node: Node<'_>, input: Option<SchemaRef>) -> Result<()>;
+    async fn probe(&self, node: Node<'_>, input: Option<SchemaRef>) -> Result<Option<String>>;
 }
 
 /// Exponential backoff between reconnection attempts: 100 ms doubling to 5 s.

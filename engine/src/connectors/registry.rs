@@ -27,7 +27,8 @@ fn connections() -> Vec<ConnectionEntry> {
             .transaction(as_transaction::<postgres::config::PostgresConnection>),
         ConnectionEntry::of::<mongodb::config::MongoConnection>("mongodb")
             .probe(as_probe::<mongodb::config::MongoConnection, _>),
-        ConnectionEntry::of::<redis::config::RedisConnection>("redis"),
+        ConnectionEntry::of::<redis::config::RedisConnection>("redis")
+            .probe(as_probe::<redis::config::RedisConnection, _>),
     ]
 }
 

@@ -72,31 +72,69 @@ fn or_list(names: &[&str]) -> String {
     }
 }
 
-/// What a stream pipeline can hold: one source of a kind that streams, no
-/// checks, sinks that take micro-batches.
+/// Whether `s` is a lookup table of a stream pipeline: a source with
+/// `refresh`, or of a kind that does not stream. The stream reads its one
+/// other source, the events; lookups are read whole, at start and on refresh.
+pub(crate) fn is_lookup(spec: &crate::spec::Spec, s: &Source) -> bool {
+    spec.pipeline.mode == Mode::Stream
+        && (s.refresh.is_some() || !spec.catalog.source(s.kind).is_some_and(|k| k.modes.stream))
+}
+
+/// What a stream pipeline can hold: one event source of a kind that
+/// streams, lookup tables of kinds read in batch, no checks, sinks that take
+/// micro-batches.
 fn stream_shape(p: &mut Problems) {
     let pl = &p.spec.pipeline;
     let catalog = p.spec.catalog;
     let streaming_sources: Vec<&str> =
         catalog.sources.iter().filter(|k| k.modes.stream).map(|k| k.name).collect();
+    let lookup_sources: Vec<&str> =
+        catalog.sources.iter().filter(|k| k.modes.batch).map(|k| k.name).collect();
     let streaming_sinks: Vec<&str> =
         catalog.sinks.iter().filter(|k| k.modes.stream).map(|k| k.name).collect();
     let mut problems = Vec::new();
-    if pl.sources.len() > 1 {
-        let first = pl.sources.keys().nth(1).cloned().unwrap_or_default();
-        problems
-            .push((first.clone(), format!("source '{first}': a stream pipeline reads exactly one source")));
+    let events: Vec<&String> =
+        pl.sources.iter().filter(|(_, s)| !is_lookup(p.spec, s)).map(|(id, _)| id).collect();
+    match events.as_slice() {
+        [_] => {}
+        [] => {
+            if let Some(first) = pl.sources.keys().next() {
+                problems.push((
+                    first.clone(),
+                    format!(
+                        "source '{first}': a stream pipeline reads one event source ({}); its other sources are lookup tables",
+                        or_list(&streaming_sources)
+                    ),
+                ));
+            }
+        }
+        [_, second, ..] => problems.push((
+            (*second).clone(),
+            format!(
+                "source '{second}': a stream pipeline reads exactly one event source; give the others 'refresh' to make them lookup tables"
+            ),
+        )),
     }
     for (id, s) in &pl.sources {
-        if !catalog.source(s.kind).is_some_and(|k| k.modes.stream) {
-            problems.push((
-                id.clone(),
-                format!(
-                    "source '{id}': a stream reads {} sources, not {}",
-                    or_list(&streaming_sources),
-                    s.kind
-                ),
-            ));
+        if is_lookup(p.spec, s) {
+            if !catalog.source(s.kind).is_some_and(|k| k.modes.batch) {
+                problems.push((
+                    id.clone(),
+                    format!(
+                        "source '{id}': a lookup table ('refresh') is read whole, from {} sources, not {}",
+                        or_list(&lookup_sources),
+                        s.kind
+                    ),
+                ));
+            }
+            if s.settings.incremental().is_some() {
+                problems.push((
+                    id.clone(),
+                    format!(
+                        "source '{id}': a lookup table is read whole on each refresh; remove 'incremental'"
+                    ),
+                ));
+            }
         }
         if !s.checks().is_empty() {
             problems.push((id.clone(), format!("source '{id}': checks run in batch pipelines; in a stream, filter with a sql transform or rules")));
@@ -105,6 +143,9 @@ fn stream_shape(p: &mut Problems) {
     for (id, t) in &pl.transforms {
         if !t.checks().is_empty() {
             problems.push((id.clone(), format!("transform '{id}': checks run in batch pipelines; in a stream, filter with a sql transform or rules")));
+        }
+        if matches!(t, Transform::Rules(r) if r.shadow == Some(true)) {
+            problems.push((id.clone(), format!("transform '{id}': 'shadow: true' applies to batch runs (backtests); a stream counts its shadow rules in engine_rule_hits_total")));
         }
     }
     for (id, s) in &pl.sinks {
@@ -135,6 +176,12 @@ fn batch_shape(p: &mut Problems) {
             problems.push((
                 id.clone(),
                 format!("source '{id}': {} sources run in stream mode; set 'mode: stream'", s.kind),
+            ));
+        }
+        if s.refresh.is_some() {
+            problems.push((
+                id.clone(),
+                format!("source '{id}': 'refresh' applies to lookup tables of stream pipelines; a batch run reads every source once"),
             ));
         }
     }

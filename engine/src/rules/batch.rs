@@ -1,6 +1,6 @@
 //! The rules transform over a table (batch runs and tests): every enabled,
-//! live rule becomes one SELECT of the rows it fires on, and their UNION ALL
-//! is the alert output. Windowed rules turn their aggregates into window
+//! live rule (and shadow rule, in tests and backtests) becomes one SELECT of
+//! the rows it fires on, and their UNION ALL is the alert output. Windowed rules turn their aggregates into window
 //! functions over the rule's key and event time.
 
 use std::ops::ControlFlow;
@@ -30,16 +30,18 @@ pub fn version(rules: &[LoadedRule]) -> String {
     format!("{:016x}", h.digest())
 }
 
-/// The SELECT producing the alerts of `rules` over table `input`.
+/// The SELECT producing the alerts of `rules` over table `input`: of the
+/// live rules, and of the shadow ones too with `shadow`.
 pub fn batch_sql(
     input: &str,
     key: &str,
     rules: &[LoadedRule],
     columns: &[String],
     version: &str,
+    shadow: bool,
 ) -> Result<String, String> {
     let mut parts = Vec::new();
-    for lr in rules.iter().filter(|r| r.rule.enabled && r.rule.mode == RuleMode::Live) {
+    for lr in rules.iter().filter(|r| r.rule.enabled && (shadow || r.rule.mode == RuleMode::Live)) {
         let r = &lr.rule;
         let id = r.id.value();
         let when = match &r.window {

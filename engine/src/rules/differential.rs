@@ -151,7 +151,8 @@ async fn through_batch_sql(set: &[LoadedRule], events: &[Event]) -> BTreeSet<Str
     let table = MemTable::try_new(schema(), vec![vec![batch(events)]]).expect("table");
     ctx.register_table("events", Arc::new(table)).expect("registered");
     let columns: Vec<String> = schema().fields().iter().map(|f| f.name().clone()).collect();
-    let sql = batch_sql("events", "transaction_id", set, &columns, &version(set)).expect("rules as SQL");
+    let sql =
+        batch_sql("events", "transaction_id", set, &columns, &version(set), false).expect("rules as SQL");
     let batches = ctx.sql(&sql).await.expect("plans").collect().await.expect("runs");
     alert_ids(&batches)
 }

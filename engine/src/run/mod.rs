@@ -207,8 +207,17 @@ impl<'a> Executor<'a> {
                         table.schema().fields().iter().map(|f| f.name().clone()).collect();
                     let rules = self.plan.rules.get(id).map(Vec::as_slice).unwrap_or_default();
                     let version = crate::rules::batch::version(rules);
-                    let sql = crate::rules::batch::batch_sql(input, r.key.value(), rules, &columns, &version)
-                        .map_err(|e| Error::Usage(format!("{what}: {e}")))?;
+                    // A test checks shadow rules too: what they would do live.
+                    let shadow = self.opts.given.is_some() || r.shadow.unwrap_or(false);
+                    let sql = crate::rules::batch::batch_sql(
+                        input,
+                        r.key.value(),
+                        rules,
+                        &columns,
+                        &version,
+                        shadow,
+                    )
+                    .map_err(|e| Error::Usage(format!("{what}: {e}")))?;
                     self.stream(&what, &sql).await?
                 }
             };

@@ -433,9 +433,10 @@ impl Loader {
         let kind = self.catalog.source(name)?;
         let checks = self.checks(id, node);
         let (description, batch) = self.common(node, &what);
-        let body = without(node, &["type", "checks", "description", "batch"]);
+        let refresh = node.as_mapping().and_then(|m| self.optional(m, "refresh"));
+        let body = without(node, &["type", "checks", "description", "batch", "refresh"]);
         let settings = (kind.read)(&body, &mut self.r, &what)?;
-        Some(Source { kind: kind.name, description, batch, checks, settings })
+        Some(Source { kind: kind.name, description, batch, refresh, checks, settings })
     }
 
     /// The keys every source takes: `description` and `batch`.

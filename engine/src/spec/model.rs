@@ -127,6 +127,8 @@ pub struct Source {
     pub description: Option<String>,
     /// Micro-batching (stream mode).
     pub batch: Option<BatchSpec>,
+    /// A lookup table of a stream pipeline is read again this often.
+    pub refresh: Option<Sp<crate::spec::values::Duration>>,
     /// Data-quality checks on this node's output.
     pub checks: Vec<Check>,
     pub settings: Arc<dyn SourceSettings>,
@@ -319,6 +321,10 @@ pub struct RulesTransform {
     /// Reload rule files when they change (default: true in stream mode).
     #[serde(default)]
     pub reload: Option<bool>,
+    /// Batch runs: evaluate the rules in `mode: shadow` too, their rows in
+    /// the output like the live ones' (a backtest). `engine test` always does.
+    #[serde(default)]
+    pub shadow: Option<bool>,
     /// What this node decides, for people and `engine graph`.
     #[serde(default)]
     pub description: Option<String>,

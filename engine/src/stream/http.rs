@@ -1,6 +1,7 @@
 //! `--metrics-addr`: Prometheus metrics at `/metrics` and the stream's health
 //! at `/health` (rules version and last reload error per rules transform,
-//! source connected, events so far).
+//! each lookup table's version and last refresh error, source connected,
+//! events so far).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,33 +20,42 @@ pub struct Health {
     pub source_connected: Arc<AtomicBool>,
     pub events: Arc<AtomicU64>,
     pub rules: Vec<(String, Arc<Mutex<Status>>)>,
+    pub lookups: Vec<(String, Arc<Mutex<super::lookup::LookupStatus>>)>,
 }
 
 impl Health {
     pub fn json(&self) -> (bool, String) {
         let connected = self.source_connected.load(Ordering::Relaxed);
-        let rules: serde_json::Map<String, serde_json::Value> = self
-            .rules
-            .iter()
-            .map(|(node, st)| {
-                let st = st.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                (node.clone(), serde_json::to_value(st).unwrap_or_default())
-            })
-            .collect();
+        let (rules, lookups) = (statuses(&self.rules), statuses(&self.lookups));
         let failing = self.rules.iter().any(|(_, st)| st.lock().is_ok_and(|s| s.last_error.is_some()));
-        let status = match (connected, failing) {
-            (false, _) => "source disconnected",
-            (true, true) => "rules reload failed",
-            (true, false) => "ok",
+        let stale = self.lookups.iter().any(|(_, st)| st.lock().is_ok_and(|s| s.last_error.is_some()));
+        let status = match (connected, failing, stale) {
+            (false, _, _) => "source disconnected",
+            (true, true, _) => "rules reload failed",
+            (true, false, true) => "lookup refresh failed",
+            (true, false, false) => "ok",
         };
         let body = serde_json::json!({
             "status": status,
             "source_connected": connected,
             "events": self.events.load(Ordering::Relaxed),
             "rules": rules,
+            "lookups": lookups,
         });
         (connected, serde_json::to_string_pretty(&body).unwrap_or_default())
     }
+}
+
+/// Each named status as JSON.
+fn statuses<T: Clone + serde::Serialize>(
+    list: &[(String, Arc<Mutex<T>>)],
+) -> serde_json::Map<String, serde_json::Value> {
+    list.iter()
+        .map(|(name, st)| {
+            let st = st.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            (name.clone(), serde_json::to_value(st).unwrap_or_default())
+        })
+        .collect()
 }
 
 /// Installs the process's metrics recorder (once).

@@ -9,6 +9,7 @@
 
 mod commit;
 pub mod http;
+pub mod lookup;
 mod ops;
 mod signals;
 mod sinks;
@@ -56,10 +57,18 @@ pub struct Summary {
 /// Runs a stream pipeline until it is told to stop.
 pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
     let pipeline = &plan.spec.pipeline;
-    let (source_id, source) = match pipeline.sources.iter().collect::<Vec<_>>().as_slice() {
-        [(id, s)] => ((*id).clone(), (*s).clone()),
-        _ => return Err(Error::Internal("a stream pipeline with several sources passed validation".into())),
-    };
+    let is_lookup = |s| crate::plan::validate::is_lookup(&plan.spec, s);
+    let (source_id, source) =
+        match pipeline.sources.iter().filter(|(_, s)| !is_lookup(s)).collect::<Vec<_>>().as_slice() {
+            [(id, s)] => ((*id).clone(), (*s).clone()),
+            _ => {
+                return Err(Error::Internal(
+                    "a stream pipeline without one event source passed validation".into(),
+                ))
+            }
+        };
+    let lookup_ids: Vec<String> =
+        pipeline.sources.iter().filter(|(_, s)| is_lookup(s)).map(|(id, _)| id.clone()).collect();
     let source_schema = plan
         .schemas
         .get(&source_id)
@@ -68,9 +77,21 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
     crate::connectors::postgres::migrate_spec(&plan.spec).await?;
     let handle = http::recorder();
     let ctx = crate::transform::sql::session(crate::transform::sql::Purpose::Stream);
-    let (ops, sinks, statuses) = build(plan, &ctx, &source_id, &source_schema).await?;
+    let loaded = {
+        let read_ctx = crate::transform::sql::session(crate::transform::sql::Purpose::Batch);
+        lookup::load_all(&plan.spec, &read_ctx, &lookup_ids).await?
+    };
+    let tables: Vec<_> = loaded.iter().map(|(_, k)| k.lookup.clone()).collect();
+    let (ops, sinks, statuses) = build(plan, &ctx, &source_id, &source_schema, &tables).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let spec = Arc::new(plan.spec.clone());
+    let mut refreshing = Vec::new();
+    for (id, kept) in &loaded {
+        if let Some(every) = pipeline.sources.get(id).and_then(|s| s.refresh.as_ref()) {
+            refreshing.push(lookup::keep_fresh(spec.clone(), id.clone(), kept, every.get(), stop_rx.clone()));
+        }
+    }
     let stop_tx = Arc::new(stop_tx);
     spawn_stoppers(stop_tx.clone(), opts.duration);
     let connected = Arc::new(AtomicBool::new(false));
@@ -81,6 +102,7 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
             source_connected: connected.clone(),
             events: events.clone(),
             rules: statuses,
+            lookups: loaded.iter().map(|(id, k)| (id.clone(), k.status.clone())).collect(),
         });
         let bound = http::serve(addr, handle, health).await?;
         tracing::info!("metrics on http://{bound}/metrics, health on http://{bound}/health");
@@ -119,7 +141,7 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
     let _ = metrics::histogram!("engine_batch_latency_seconds");
     let mut reader = opener.open_stream(Node { spec: &plan.spec, id: &source_id }, args)?;
     let mut acker = reader.acker()?;
-    let mut ex = Executor::new(ops);
+    let mut ex = Executor::new(ops, tables);
     if acker.durable() {
         // Windows start where the last acknowledged batch left them: the
         // entries not acknowledged then are delivered again, and count once.
@@ -198,6 +220,9 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
         failure = drain(reader.as_mut()).await.err();
     }
     drop(reader);
+    for task in refreshing {
+        task.abort();
+    }
     match failure {
         Some(e) => Err(e),
         None => Ok(summary),

@@ -22,6 +22,7 @@ use crate::rules::hold::Held;
 use crate::rules::watch::{self as rules_watch, Watching};
 use crate::rules::window::Windows;
 use crate::spec::model::Transform;
+use crate::transform::lookup::Lookup;
 use crate::transform::prepared::SqlOp;
 
 /// A rules transform in a running stream.
@@ -232,13 +233,15 @@ pub(super) struct Restored {
 
 pub(super) struct Executor {
     pub(super) ops: Vec<Op>,
+    /// Lookup tables: a refreshed one is taken into use between batches.
+    pub(super) lookups: Vec<Arc<Lookup>>,
     /// The next batch's sequence number: rows of equal event time count in
     /// the order they were read, over restarts too (it starts at the clock).
     pub(super) seq: u64,
 }
 
 impl Executor {
-    pub(super) fn new(ops: Vec<Op>) -> Self {
+    pub(super) fn new(ops: Vec<Op>, lookups: Vec<Arc<Lookup>>) -> Self {
         for op in &ops {
             let id = match op {
                 Op::Rules(r) => {
@@ -250,7 +253,7 @@ impl Executor {
             metrics::counter!("engine_events_in_total", "node" => id.clone()).increment(0);
             metrics::counter!("engine_events_out_total", "node" => id.clone()).increment(0);
         }
-        Self { ops, seq: now_us().max(0) as u64 }
+        Self { ops, lookups, seq: now_us().max(0) as u64 }
     }
 
     /// Makes every rules transform's windows durable, from the state saved
@@ -300,6 +303,9 @@ impl Executor {
     ) -> Result<HashMap<String, Vec<RecordBatch>>> {
         let step = Step { flush, ..Step::at(self.seq) };
         self.seq += 1;
+        for lookup in &self.lookups {
+            lookup.advance();
+        }
         let mut outputs: HashMap<String, Vec<RecordBatch>> = HashMap::new();
         metrics::counter!("engine_events_out_total", "node" => source_id.to_string())
             .increment(batch.num_rows() as u64);
@@ -342,6 +348,7 @@ pub(super) async fn build(
     ctx: &SessionContext,
     source_id: &str,
     source_schema: &SchemaRef,
+    lookups: &[Arc<Lookup>],
 ) -> Result<Built> {
     let pipeline = &plan.spec.pipeline;
     let mut schemas: HashMap<String, SchemaRef> =
@@ -384,11 +391,16 @@ pub(super) async fn build(
                 })));
             }
             Some(Transform::Sql(t)) => {
-                let inputs: Vec<(String, SchemaRef)> = inputs_of(plan, &id)
-                    .into_iter()
-                    .filter_map(|i| schemas.get(&i).map(|s| (i, s.clone())))
-                    .collect();
-                let op = SqlOp::plan(ctx, &id, t.sql.value(), &inputs).await?;
+                let names = inputs_of(plan, &id);
+                let inputs: Vec<(String, SchemaRef)> =
+                    names.iter().filter_map(|i| schemas.get(i).map(|s| (i.clone(), s.clone()))).collect();
+                let tables: Vec<Arc<Lookup>> =
+                    lookups.iter().filter(|l| names.contains(&l.name)).cloned().collect();
+                let op = SqlOp::plan_with(ctx, &id, t.sql.value(), &inputs, &tables).await?;
+                if !tables.is_empty() {
+                    let (joins, _) = crate::transform::lookup::index_builds(&op.physical());
+                    tracing::info!(node = %id, lookup_joins = joins, "joins with lookup tables hashed once per refresh");
+                }
                 schemas.insert(id.clone(), op.schema());
                 ops.push(Op::Sql(op));
             }

@@ -15,6 +15,7 @@ use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::physical_plan::{collect, ExecutionPlan};
 use datafusion::prelude::SessionContext;
 
+use super::lookup::{rewrite, Lookup, LookupTable};
 use crate::error::Result;
 use crate::spec::sql::df_error;
 
@@ -68,7 +69,24 @@ impl SqlOp {
         sql: &str,
         inputs: &[(String, SchemaRef)],
     ) -> Result<Self> {
+        Self::plan_with(ctx, id, sql, inputs, &[]).await
+    }
+
+    /// Plans `sql` over `inputs` fed a micro-batch at a time and over
+    /// lookup tables, whose joins hash the lookup once per version.
+    pub async fn plan_with(
+        ctx: &SessionContext,
+        id: &str,
+        sql: &str,
+        inputs: &[(String, SchemaRef)],
+        lookups: &[Arc<Lookup>],
+    ) -> Result<Self> {
         let what = format!("transform '{id}'");
+        for lookup in lookups {
+            let _ = ctx.deregister_table(lookup.name.as_str());
+            ctx.register_table(lookup.name.as_str(), Arc::new(LookupTable(lookup.clone())))
+                .map_err(|e| df_error(&what, e))?;
+        }
         let mut slots = Vec::new();
         for (name, schema) in inputs {
             let slot = Slot::default();
@@ -81,11 +99,17 @@ impl SqlOp {
         }
         let df = ctx.sql(sql).await.map_err(|e| df_error(&what, e))?;
         let plan = df.create_physical_plan().await.map_err(|e| df_error(&what, e))?;
+        let plan = if lookups.is_empty() { plan } else { rewrite(plan).map_err(|e| df_error(&what, e))? };
         Ok(Self { id: id.to_string(), plan, inputs: slots, task: ctx.task_ctx() })
     }
 
     pub fn schema(&self) -> SchemaRef {
         self.plan.schema()
+    }
+
+    /// The physical plan, as planned once.
+    pub fn physical(&self) -> Arc<dyn ExecutionPlan> {
+        self.plan.clone()
     }
 
     /// Runs the plan over what the slots hold now.

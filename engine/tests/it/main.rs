@@ -6,11 +6,13 @@ mod commit_order;
 mod golden;
 mod http;
 mod layering;
+mod lookup;
 mod mongodb;
 mod postgres;
 mod repo;
 mod run;
 mod stream;
+mod tls;
 mod warehouse;
 
 use std::path::{Path, PathBuf};

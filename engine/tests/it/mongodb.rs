@@ -137,3 +137,32 @@ fn a_replace_that_fails_leaves_the_collection_as_it_was() {
     assert_eq!(docs.len(), 1, "{docs:?}");
     assert_eq!(docs[0].get_i64("id").ok(), Some(10));
 }
+
+/// `validate --connect` says whether a mongodb connection uses TLS, and
+/// `tls=true` is honoured: a server without TLS cannot be reached with it.
+#[test]
+fn validate_connect_reports_tls_and_tls_true_is_honoured() {
+    let dir = scratch("mongo-tls");
+    let coll = coll_name("tls");
+    fs::write(dir.join("p.yaml"), read_spec(&coll, "{ id: int64 }")).expect("spec");
+    let u = url();
+    let out = engine_env(&dir, &["validate", "--connect", "p.yaml"], &[("MONGODB_URL", &u)]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("connection 'docs': no TLS"), "{}", text(&out.stdout));
+
+    let base = u.trim_end_matches('/');
+    let options = "tls=true&serverSelectionTimeoutMS=2000";
+    let tls = match (base.contains('?'), base["mongodb://".len()..].contains('/')) {
+        (true, _) => format!("{base}&{options}"),
+        (false, true) => format!("{base}?{options}"),
+        (false, false) => format!("{base}/?{options}"),
+    };
+    let out = engine_env(&dir, &["validate", "--connect", "p.yaml"], &[("MONGODB_URL", &tls)]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("mongodb connection 'docs'"), "{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("tls") || stderr.contains("handshake") || stderr.contains("SSL"),
+        "{stderr}"
+    );
+}

@@ -14,15 +14,15 @@ use std::time::{Duration, Instant};
 use super::postgres::{database, psql, server};
 use super::{repo_dir, scratch, text};
 
-fn redis_url() -> String {
+pub(super) fn redis_url() -> String {
     std::env::var("ENGINE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
 }
 
-fn redis() -> redis::Connection {
+pub(super) fn redis() -> redis::Connection {
     redis::Client::open(redis_url()).expect("redis url").get_connection().expect("redis runs")
 }
 
-fn event(id: i64, customer: i64, amount: f64, currency: &str) -> String {
+pub(super) fn event(id: i64, customer: i64, amount: f64, currency: &str) -> String {
     format!(
         r#"{{"transaction_id": {id}, "customer_id": {customer}, "merchant_id": "M000001", "amount": {amount:.2}, "currency": "{currency}", "timestamp": "2026-11-26T10:15:02.123Z"}}"#
     )
@@ -34,13 +34,13 @@ fn xadd(c: &mut redis::Connection, stream: &str, payload: &str) {
 
 /// `pipelines/fraud.yaml` on its own stream, group, database and rules
 /// folder, with the source keys a test needs.
-struct Setup {
-    dir: PathBuf,
-    db: String,
-    stream: String,
-    spec: PathBuf,
-    redis_url: String,
-    dwh_url: String,
+pub(super) struct Setup {
+    pub(super) dir: PathBuf,
+    pub(super) db: String,
+    pub(super) stream: String,
+    pub(super) spec: PathBuf,
+    pub(super) redis_url: String,
+    pub(super) dwh_url: String,
 }
 
 /// `text` with each `(from, to)` replaced; `from` must be there.
@@ -53,7 +53,7 @@ fn replaced(mut text: String, edits: &[(&str, String)]) -> String {
 }
 
 impl Setup {
-    fn new(name: &str, source_extra: &str, dwh_url: Option<String>) -> Self {
+    pub(super) fn new(name: &str, source_extra: &str, dwh_url: Option<String>) -> Self {
         let dir = scratch(&format!("stream-{name}"));
         let db = database(&format!("stream_{name}"));
         let stream = format!("it.{name}.{}", std::process::id());
@@ -97,7 +97,7 @@ impl Setup {
         Self { dir, db, stream, spec: path, redis_url: redis_url(), dwh_url }
     }
 
-    fn start(&self, args: &[&str]) -> Child {
+    pub(super) fn start(&self, args: &[&str]) -> Child {
         static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let run = RUNS.fetch_add(1, Ordering::SeqCst);
         let log = std::fs::File::create(self.dir.join(format!("engine-{run}.log"))).expect("log");
@@ -115,7 +115,7 @@ impl Setup {
             .expect("engine starts")
     }
 
-    fn alert_ids(&self) -> BTreeSet<String> {
+    pub(super) fn alert_ids(&self) -> BTreeSet<String> {
         if psql(&self.db, "SELECT to_regclass('fraud_alerts') IS NOT NULL").trim() != "t" {
             return BTreeSet::new();
         }
@@ -143,7 +143,7 @@ impl Setup {
         }
     }
 
-    fn logs(&self) -> String {
+    pub(super) fn logs(&self) -> String {
         let mut all = String::new();
         for e in std::fs::read_dir(&self.dir).expect("dir").flatten() {
             if e.file_name().to_string_lossy().ends_with(".log") {
@@ -154,7 +154,7 @@ impl Setup {
     }
 }
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+pub(super) fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
@@ -162,7 +162,7 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn stop(mut child: Child) -> i32 {
+pub(super) fn stop(mut child: Child) -> i32 {
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     child.wait().expect("engine exits").code().unwrap_or(-1)
 }
@@ -414,11 +414,11 @@ fn pub_sub_channel_feeds_the_rules() {
     assert_eq!(s.alert_ids(), want);
 }
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
-fn http_get(port: u16, path: &str) -> String {
+pub(super) fn http_get(port: u16, path: &str) -> String {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
     let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     let mut out = String::new();

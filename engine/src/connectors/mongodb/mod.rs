@@ -473,11 +473,22 @@ impl super::BatchSink for MongoSink {
 
 #[async_trait::async_trait]
 impl super::Probe for MongoConnection {
-    async fn probe(&self, node: super::Node<'_>, _input: Option<SchemaRef>) -> Result<()> {
+    /// Tells whether the connection uses TLS (`tls=true`, or a
+    /// `mongodb+srv://` URL, where TLS is the default).
+    async fn probe(&self, node: super::Node<'_>, _input: Option<SchemaRef>) -> Result<Option<String>> {
         let coll = collection(node.id, &self.url, &self.database, "engine_connect_check").await?;
         let mut cursor =
             coll.find(Document::new()).limit(1).await.map_err(|e| external(node.id, &self.url, e))?;
         cursor.try_next().await.map_err(|e| external(node.id, &self.url, e))?;
-        Ok(())
+        let options = mongodb::options::ClientOptions::parse(&self.url)
+            .await
+            .map_err(|e| external(node.id, &self.url, e))?;
+        Ok(Some(match options.tls {
+            Some(mongodb::options::Tls::Enabled(o)) if o.ca_file_path.is_some() => {
+                "TLS (tlsCAFile)".to_string()
+            }
+            Some(mongodb::options::Tls::Enabled(_)) => "TLS".to_string(),
+            _ => "no TLS".to_string(),
+        }))
     }
 }

@@ -1,11 +1,12 @@
 //! The settings of postgres connections, sources and sinks, as users write
 //! them (see `docs/reference.md`), and their checks that need no connection.
 
+use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::connector::{ConnectionSettings, Context, SinkSettings, SourceSettings};
-use crate::spec::model::{Incremental, Mode, WriteMode};
+use crate::spec::model::{ColumnSpec, Incremental, Mode, WriteMode};
 use crate::spec::yaml::Sp;
 
 /// A PostgreSQL database.
@@ -35,6 +36,11 @@ pub struct PostgresSource {
     /// Read only rows whose `column` is above the stored watermark.
     #[serde(default)]
     pub incremental: Option<Incremental>,
+    /// The columns, as declared (optional): each is read by name and cast to
+    /// its type, so SQL over the source is planned without connecting (a
+    /// stream's lookup tables). Without it, the columns are the table's.
+    #[serde(default)]
+    pub schema: Option<IndexMap<String, ColumnSpec>>,
 }
 
 /// Bulk load into a PostgreSQL table.
@@ -77,6 +83,10 @@ impl ConnectionSettings for PostgresConnection {
 impl SourceSettings for PostgresSource {
     fn connection(&self) -> Option<&Sp<String>> {
         Some(&self.connection)
+    }
+
+    fn declared_schema(&self) -> Option<&IndexMap<String, ColumnSpec>> {
+        self.schema.as_ref()
     }
 
     fn incremental(&self) -> Option<&Incremental> {

@@ -115,16 +115,44 @@ impl BatchSource for PostgresSource {
 
 #[async_trait::async_trait]
 impl Probe for PostgresSource {
-    async fn probe(&self, node: Node<'_>, _input: Option<SchemaRef>) -> Result<()> {
+    async fn probe(&self, node: Node<'_>, _input: Option<SchemaRef>) -> Result<Option<String>> {
         let (name, c) = node.connection::<PostgresConnection>(&self.connection)?;
-        source::describe_source(name, &c.url, self).await.map(|_| ())
+        source::describe_source(name, &c.url, self).await.map(|_| None)
     }
 }
 
 #[async_trait::async_trait]
 impl Probe for PostgresConnection {
-    async fn probe(&self, node: Node<'_>, _input: Option<SchemaRef>) -> Result<()> {
-        connect(node.id, &self.url).await.map(|_| ())
+    /// Tells whether the connection uses TLS, as the server sees it.
+    async fn probe(&self, node: Node<'_>, _input: Option<SchemaRef>) -> Result<Option<String>> {
+        let mut conn = connect(node.id, &self.url).await?;
+        let (ssl, version): (bool, Option<String>) =
+            sqlx::query_as("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| external(node.id, &self.url, e))?;
+        Ok(Some(tls_note(&self.url, ssl, version.as_deref())))
+    }
+}
+
+/// `TLS (TLSv1.3, sslmode=verify-full)` or `no TLS (sslmode=prefer)`.
+fn tls_note(url: &str, ssl: bool, version: Option<&str>) -> String {
+    let mode = url
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .map(|o| format!("{:?}", o.get_ssl_mode()))
+        .unwrap_or_default();
+    // PgSslMode's names in the URL's spelling: VerifyFull -> verify-full.
+    let mut sslmode = String::new();
+    for (i, ch) in mode.chars().enumerate() {
+        if ch.is_uppercase() && i > 0 {
+            sslmode.push('-');
+        }
+        sslmode.push(ch.to_ascii_lowercase());
+    }
+    match (ssl, version) {
+        (true, Some(v)) => format!("TLS ({v}, sslmode={sslmode})"),
+        (true, None) => format!("TLS (sslmode={sslmode})"),
+        (false, _) => format!("no TLS (sslmode={sslmode})"),
     }
 }
 
@@ -160,9 +188,9 @@ impl BatchSink for PostgresSink {
 
 #[async_trait::async_trait]
 impl Probe for PostgresSink {
-    async fn probe(&self, node: Node<'_>, input: Option<SchemaRef>) -> Result<()> {
+    async fn probe(&self, node: Node<'_>, input: Option<SchemaRef>) -> Result<Option<String>> {
         let (name, c) = node.connection::<PostgresConnection>(&self.connection)?;
-        sink::check_table(name, &c.url, node.id, self, input).await
+        sink::check_table(name, &c.url, node.id, self, input).await.map(|()| None)
     }
 }
 

@@ -140,7 +140,12 @@ async fn prepare(
             )));
         }
         sqlx::query(sqlx::AssertSqlSafe(
-            create_sql(&sink.table, input).map_err(|e| Error::Usage(format!("{what}: {e}")))?,
+            create_sql(
+                &sink.table,
+                input,
+                (sink.mode == WriteMode::Upsert).then_some(sink.key.as_deref()).flatten(),
+            )
+            .map_err(|e| Error::Usage(format!("{what}: {e}")))?,
         ))
         .execute(&mut *conn)
         .await
@@ -232,8 +237,13 @@ async fn columns(
         .collect())
 }
 
-/// CREATE TABLE for an Arrow schema (`create: true`).
-pub fn create_sql(table: &str, schema: &SchemaRef) -> std::result::Result<String, String> {
+/// CREATE TABLE for an Arrow schema (`create: true`); an upsert's key
+/// columns are its primary key (ON CONFLICT needs one).
+pub fn create_sql(
+    table: &str,
+    schema: &SchemaRef,
+    key: Option<&[String]>,
+) -> std::result::Result<String, String> {
     let cols: std::result::Result<Vec<String>, String> = schema
         .fields()
         .iter()
@@ -255,7 +265,11 @@ pub fn create_sql(table: &str, schema: &SchemaRef) -> std::result::Result<String
             Ok(format!("{} {t}", ident(f.name())))
         })
         .collect();
-    Ok(format!("CREATE TABLE IF NOT EXISTS {} ({})", qualified(table), cols?.join(", ")))
+    let mut cols = cols?;
+    if let Some(key) = key.filter(|k| !k.is_empty()) {
+        cols.push(format!("PRIMARY KEY ({})", key.iter().map(|k| ident(k)).collect::<Vec<_>>().join(", ")));
+    }
+    Ok(format!("CREATE TABLE IF NOT EXISTS {} ({})", qualified(table), cols.join(", ")))
 }
 
 async fn write(conn: &mut PgConnection, mut load: Load<'_>, target: &Target) -> Result<u64> {

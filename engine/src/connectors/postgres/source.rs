@@ -1,6 +1,8 @@
 //! The postgres source: a table or query streamed through binary COPY and
 //! decoded into Arrow batches as the bytes arrive.
 
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
@@ -91,8 +93,30 @@ pub async fn open(
     }
     let mut decoder = Decoder::new(&columns, BATCH_ROWS).map_err(Error::Usage)?;
     let schema = decoder.schema();
+    let declared = match &src.schema {
+        Some(d) => {
+            let declared = crate::plan::schema::from_declared(d).map_err(|e| Error::Usage(e.join("; ")))?;
+            for f in declared.fields() {
+                if schema.index_of(f.name()).is_err() {
+                    let found: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+                    return Err(external(
+                        name,
+                        url,
+                        format!(
+                            "declared column '{}' is not in what the source reads ({})",
+                            f.name(),
+                            found.join(", ")
+                        ),
+                    ));
+                }
+            }
+            Some(declared)
+        }
+        None => None,
+    };
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let (name, url) = (name.to_string(), url.to_string());
+    let (name2, url2) = (name.clone(), url.clone());
     tokio::spawn(async move {
         let result: std::result::Result<(), String> = async {
             let copy = format!("COPY ({query}) TO STDOUT (FORMAT binary)");
@@ -117,5 +141,34 @@ pub async fn open(
         }
     });
     let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+    Ok(match declared {
+        None => Box::pin(RecordBatchStreamAdapter::new(schema, stream)),
+        Some(declared) => {
+            let out = declared.clone();
+            let stream = stream.map(move |b| {
+                conform(b?, &declared)
+                    .map_err(|e| DataFusionError::External(Box::new(external(&name2, &url2, e))))
+            });
+            Box::pin(RecordBatchStreamAdapter::new(out, stream))
+        }
+    })
+}
+
+/// `batch` as the declared columns: each taken by name and cast to its
+/// declared type; a value that does not fit, or a NULL in a required
+/// column, is an error naming the column.
+fn conform(batch: RecordBatch, declared: &SchemaRef) -> std::result::Result<RecordBatch, String> {
+    use datafusion::arrow::compute::{cast_with_options, CastOptions};
+    let options = CastOptions { safe: false, ..Default::default() };
+    let mut columns = Vec::with_capacity(declared.fields().len());
+    for f in declared.fields() {
+        let i = batch.schema().index_of(f.name()).map_err(|e| format!("column '{}': {e}", f.name()))?;
+        let c = cast_with_options(batch.column(i), f.data_type(), &options)
+            .map_err(|e| format!("column '{}' as {}: {e}", f.name(), f.data_type()))?;
+        if !f.is_nullable() && c.null_count() > 0 {
+            return Err(format!("column '{}' is declared required but holds NULL", f.name()));
+        }
+        columns.push(c);
+    }
+    RecordBatch::try_new(declared.clone(), columns).map_err(|e| e.to_string())
 }

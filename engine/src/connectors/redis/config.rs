@@ -14,8 +14,21 @@ use crate::spec::yaml::Sp;
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConnection {
-    /// `redis://host:port`.
+    /// `redis://[user:password@]host:port[/db]`; `rediss://` for TLS.
     pub url: String,
+    /// TLS settings of a `rediss://` URL.
+    #[serde(default)]
+    pub tls: Option<RedisTls>,
+}
+
+/// How a `rediss://` connection checks the server's certificate.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTls {
+    /// A PEM file of the certificate authorities to trust instead of the
+    /// public ones (a private CA or a self-signed server). Relative to the
+    /// spec file.
+    pub ca_file: Sp<String>,
 }
 
 /// Where malformed stream messages go.
@@ -133,6 +146,18 @@ crate::spec::connector::settings!(RedisConnection, RedisSource, RedisSink);
 impl ConnectionSettings for RedisConnection {
     fn url(&self) -> &str {
         &self.url
+    }
+
+    fn check(&self, cx: &mut Context) {
+        if let Some(tls) = &self.tls {
+            if !self.url.starts_with("rediss://") {
+                cx.error(tls.ca_file.pos(), "'tls' applies to a 'rediss://' URL (Redis over TLS)");
+            }
+            let path = cx.spec.resolve(tls.ca_file.value());
+            if !path.is_file() {
+                cx.error(tls.ca_file.pos(), format!("'tls.ca_file' {} is not a file", path.display()));
+            }
+        }
     }
 }
 

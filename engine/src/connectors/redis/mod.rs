@@ -24,9 +24,51 @@ pub fn external(name: &str, url: &str, e: impl std::fmt::Display) -> Error {
     super::external("redis", name, url, e)
 }
 
-/// A client for `url`; a bad URL is the user's error.
-pub fn client(name: &str, url: &str) -> crate::error::Result<redis::Client> {
-    redis::Client::open(url).map_err(|e| Error::Usage(format!("connection '{name}': bad redis URL: {e}")))
+/// Where a redis connection goes: its name and URL, and the certificate
+/// authorities a `rediss://` connection trusts (the public ones when `None`).
+#[derive(Clone)]
+pub struct Endpoint {
+    pub name: String,
+    pub url: String,
+    pub ca: Option<Vec<u8>>,
+}
+
+impl Endpoint {
+    /// The connection `name` of `node`'s spec, its CA file read.
+    pub fn of(node: &Node<'_>, name: &str, c: &RedisConnection) -> crate::error::Result<Self> {
+        let ca = match &c.tls {
+            Some(tls) => {
+                let path = node.spec.resolve(tls.ca_file.value());
+                Some(std::fs::read(&path).map_err(|e| {
+                    Error::Usage(format!(
+                        "connection '{name}': cannot read tls.ca_file {}: {e}",
+                        path.display()
+                    ))
+                })?)
+            }
+            None => None,
+        };
+        Ok(Self { name: name.to_string(), url: c.url.clone(), ca })
+    }
+
+    /// A client; a bad URL is the user's error.
+    pub fn client(&self) -> crate::error::Result<redis::Client> {
+        let bad = |e: redis::RedisError| {
+            Error::Usage(format!("connection '{}': bad redis URL or TLS setting: {e}", self.name))
+        };
+        match &self.ca {
+            Some(ca) => redis::Client::build_with_tls(
+                self.url.as_str(),
+                redis::TlsCertificates { client_tls: None, root_cert: Some(ca.clone()) },
+            )
+            .map_err(bad),
+            None => redis::Client::open(self.url.as_str()).map_err(bad),
+        }
+    }
+
+    pub fn external(&self, e: impl std::fmt::Display) -> Error {
+        external(&self.name, &self.url, e)
+    }
 }
 
 /// A connection whose replies may take `wait` (a blocking read) and more.
@@ -148,8 +190,7 @@ impl RedisSource {
         };
         Ok(source::Config {
             node: node.id.to_string(),
-            connection: name.to_string(),
-            url: c.url.clone(),
+            endpoint: Endpoint::of(&node, name, c)?,
             channel: self.channel.clone(),
             streams: target.map(|t| t.owned.iter().map(|p| t.stream_key(*p)).collect()).unwrap_or_default(),
             group: self.group.clone().unwrap_or_default(),
@@ -180,7 +221,7 @@ impl OpenStream for RedisSource {
         };
         let cfg = self.reader_config(node, args.batch.as_ref(), args.shard, target.as_ref())?;
         let acker = Xack {
-            client: client(&cfg.connection, &cfg.url)?,
+            client: cfg.endpoint.client()?,
             target,
             dead: dead_letter::DeadLetters::new(
                 node.spec,
@@ -402,14 +443,34 @@ impl Xack {
     }
 }
 
+#[async_trait::async_trait]
+impl super::Probe for RedisConnection {
+    /// PING, and whether the connection uses TLS.
+    async fn probe(
+        &self,
+        node: Node<'_>,
+        _input: Option<datafusion::arrow::datatypes::SchemaRef>,
+    ) -> crate::error::Result<Option<String>> {
+        let endpoint = Endpoint::of(&node, node.id, self)?;
+        let client = endpoint.client()?;
+        let mut conn = connect(&client, Duration::ZERO).await.map_err(|e| endpoint.external(e))?;
+        let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(|e| endpoint.external(e))?;
+        Ok(Some(match (&client.get_connection_info().addr(), &self.tls) {
+            (redis::ConnectionAddr::TcpTls { .. }, Some(_)) => "TLS (CA from tls.ca_file)".to_string(),
+            (redis::ConnectionAddr::TcpTls { .. }, None) => "TLS".to_string(),
+            _ => "no TLS".to_string(),
+        }))
+    }
+}
+
 impl OpenStreamSink for RedisSink {
     fn open_stream(&self, node: Node<'_>) -> crate::error::Result<Box<dyn StreamSink>> {
         let (name, c) = node.connection::<RedisConnection>(&self.connection)?;
+        let endpoint = Endpoint::of(&node, name, c)?;
         Ok(Box::new(Publishing {
             id: node.id.to_string(),
-            client: client(name, &c.url)?,
-            name: name.to_string(),
-            url: c.url.clone(),
+            client: endpoint.client()?,
+            endpoint,
             conn: None,
             sink: self.clone(),
         }))
@@ -420,8 +481,7 @@ impl OpenStreamSink for RedisSink {
 struct Publishing {
     id: String,
     client: redis::Client,
-    name: String,
-    url: String,
+    endpoint: Endpoint,
     conn: Option<redis::aio::ConnectionManager>,
     sink: RedisSink,
 }
@@ -429,7 +489,7 @@ struct Publishing {
 #[async_trait::async_trait]
 impl StreamSink for Publishing {
     async fn write(&mut self, batches: &[RecordBatch]) -> crate::error::Result<Written> {
-        let ext = |e: &dyn std::fmt::Display| external(&self.name, &self.url, e);
+        let ext = |e: &dyn std::fmt::Display| self.endpoint.external(e);
         // A missing partition column is the spec's problem, not an outage.
         let parts = sink::partitions(&self.sink, batches)
             .map_err(|e| Error::Usage(format!("sink '{}': {e}", self.id)))?;

@@ -23,8 +23,7 @@ use crate::connectors::{Delivery, Token};
 /// What to read and how.
 pub struct Config {
     pub node: String,
-    pub connection: String,
-    pub url: String,
+    pub endpoint: super::Endpoint,
     pub channel: Option<String>,
     /// The Redis streams read (the partitions this shard owns); empty for a channel.
     pub streams: Vec<String>,
@@ -53,7 +52,7 @@ pub async fn run(
     out: mpsc::Sender<Delivery>,
     mut ctl: Control,
 ) -> crate::error::Result<()> {
-    let client = super::client(&cfg.connection, &cfg.url)?;
+    let client = cfg.endpoint.client()?;
     let mut r = Reader {
         cursors: vec!["-".to_string(); cfg.streams.len()],
         own_done: false,
@@ -286,7 +285,7 @@ impl Reader {
         backoff: &mut Backoff,
     ) -> Result<(), String> {
         let channel = self.cfg.channel.clone().unwrap_or_default();
-        let mut sub = Subscriber::connect(client, &channel).await?;
+        let mut sub = Subscriber::connect(client, self.cfg.endpoint.ca.as_deref(), &channel).await?;
         // Dead letters go out on a second connection: a subscribed one takes no other commands.
         let mut conn = connect(client, Duration::from_secs(1)).await.map_err(|e| e.to_string())?;
         up(&self.cfg, ctl, backoff);

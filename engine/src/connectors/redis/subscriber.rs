@@ -9,7 +9,9 @@
 //! (arrays of a kind, a channel and a payload), which this reads without
 //! copying; a backlog stays in Redis, under its `client-output-buffer-limit`.
 //! The address and credentials come from the redis crate's parsed URL, and
-//! every other command still goes through the crate.
+//! every other command still goes through the crate. `rediss://` goes over
+//! rustls (the crate's own TLS is not reachable from outside it), trusting
+//! the connection's CA file or else the public authorities, as the crate does.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -37,19 +39,26 @@ struct Frame {
 }
 
 impl Subscriber {
-    /// Connects as `client` would, authenticates, and subscribes to `channel`.
-    pub async fn connect(client: &redis::Client, channel: &str) -> Result<Self, String> {
+    /// Connects as `client` would, authenticates, and subscribes to
+    /// `channel`; over TLS, trusting the PEM certificates `ca` if given.
+    pub async fn connect(client: &redis::Client, ca: Option<&[u8]>, channel: &str) -> Result<Self, String> {
         let info = client.get_connection_info();
         let io: Box<dyn Io> = match info.addr() {
-            ConnectionAddr::Tcp(host, port) => {
-                let stream = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    tokio::net::TcpStream::connect((host.as_str(), *port)),
-                )
-                .await
-                .map_err(|_| format!("connecting to {host}:{port} timed out"))?
-                .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
-                stream.set_nodelay(true).map_err(|e| e.to_string())?;
+            ConnectionAddr::Tcp(host, port) => Box::new(tcp(host, *port).await?),
+            ConnectionAddr::TcpTls { host, port, insecure, .. } => {
+                if *insecure {
+                    return Err("a Pub/Sub subscription checks the server's certificate: remove \
+                         '#insecure' from the URL, or give the CA in 'tls.ca_file'"
+                        .into());
+                }
+                let name = rustls_pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| format!("'{host}' is not a TLS server name: {e}"))?;
+                let stream = tcp(host, *port).await?;
+                let tls = tokio_rustls::TlsConnector::from(tls_config(ca)?);
+                let stream = tokio::time::timeout(Duration::from_secs(5), tls.connect(name, stream))
+                    .await
+                    .map_err(|_| format!("TLS handshake with {host}:{port} timed out"))?
+                    .map_err(|e| format!("TLS handshake with {host}:{port}: {e}"))?;
                 Box::new(stream)
             }
             #[cfg(unix)]
@@ -153,6 +162,42 @@ impl Subscriber {
     fn item(&self, f: &Frame, i: usize) -> &[u8] {
         &self.buf[f.items[i].clone()]
     }
+}
+
+async fn tcp(host: &str, port: u16) -> Result<tokio::net::TcpStream, String> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| format!("connecting to {host}:{port} timed out"))?
+        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+/// A rustls client trusting the PEM certificates `ca`, or the public
+/// authorities (webpki-roots) without them.
+fn tls_config(ca: Option<&[u8]>) -> Result<std::sync::Arc<tokio_rustls::rustls::ClientConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(pem) => {
+            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| format!("tls.ca_file: {e}"))?;
+                roots.add(cert).map_err(|e| format!("tls.ca_file: {e}"))?;
+            }
+            if roots.is_empty() {
+                return Err("tls.ca_file holds no PEM certificate".into());
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
 }
 
 /// The CRLF-ended line at `at`, without its CRLF, and where the next begins.
