@@ -25,12 +25,13 @@ use crate::transform::lookup::{Lookup, Version};
 /// What `/health` shows of a lookup table.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LookupStatus {
-    /// The version in use (1 at start, one more per successful refresh).
+    /// The newest version read (1 at start, one more per successful
+    /// refresh); the next batch takes it into use.
     pub version: u64,
     pub rows: usize,
     /// Memory the table takes, in bytes.
     pub bytes: usize,
-    /// When the version in use was read (RFC 3339).
+    /// When the newest version was read (RFC 3339).
     pub loaded_at: String,
     pub refreshes: u64,
     pub failures: u64,
