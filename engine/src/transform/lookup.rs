@@ -188,31 +188,9 @@ impl ExecutionPlan for LookupScanExec {
 struct Index {
     versions: Vec<u64>,
     batch: RecordBatch,
+    /// Encodes the keys, of the lookup side and of the events alike.
+    converter: RowConverter,
     rows: HashMap<Box<[u8]>, Vec<u32>>,
-}
-
-/// An equi-join of the events (`probe`) with a lookup side hashed once per
-/// version. The output is the hash join's it replaces: the columns of its
-/// left then right input, rows of the events without a match kept (with
-/// nulls) when `keep_unmatched`, then the join's projection.
-#[derive(Debug)]
-pub struct LookupJoinExec {
-    probe: Arc<dyn ExecutionPlan>,
-    /// The lookup side: a plan over lookup scans only (not a child: it is
-    /// run once per version, not per batch).
-    build: Arc<dyn ExecutionPlan>,
-    lookups: Vec<Arc<Lookup>>,
-    probe_keys: Vec<PhysicalExprRef>,
-    build_keys: Vec<PhysicalExprRef>,
-    keep_unmatched: bool,
-    probe_is_left: bool,
-    join_schema: SchemaRef,
-    projection: Option<Vec<usize>>,
-    /// Shared by the copies a plan reset makes, so it outlives batches.
-    index: Arc<tokio::sync::Mutex<Option<Arc<Index>>>>,
-    /// How many times the index was built (once per version).
-    builds: Arc<AtomicU64>,
-    cache: Arc<PlanProperties>,
 }
 
 impl fmt::Debug for Index {
@@ -221,10 +199,62 @@ impl fmt::Debug for Index {
     }
 }
 
+/// The lookup side of a join and its index, shared by every copy of the
+/// join a plan reset makes, so the index outlives batches.
+#[derive(Debug)]
+struct LookupSide {
+    /// A plan over lookup scans only, run once per version.
+    build: Arc<dyn ExecutionPlan>,
+    lookups: Vec<Arc<Lookup>>,
+    keys: Vec<PhysicalExprRef>,
+    index: tokio::sync::Mutex<Option<Arc<Index>>>,
+    /// How many times the index was built (once per version).
+    builds: AtomicU64,
+}
+
+impl LookupSide {
+    /// The index of the lookup versions in use, built again when one changed.
+    async fn index(&self, ctx: Arc<TaskContext>) -> DfResult<Arc<Index>> {
+        let versions: Vec<u64> = self.lookups.iter().map(|l| l.current().number).collect();
+        let mut slot = self.index.lock().await;
+        if let Some(i) = slot.as_ref().filter(|i| i.versions == versions) {
+            return Ok(i.clone());
+        }
+        let plan = datafusion::physical_plan::execution_plan::reset_plan_states(self.build.clone())?;
+        let batches = collect(plan, ctx).await?;
+        let batch = datafusion::arrow::compute::concat_batches(&self.build.schema(), &batches)?;
+        let columns = key_columns(&self.keys, &batch)?;
+        let fields = columns.iter().map(|c| SortField::new(c.data_type().clone())).collect();
+        let converter = RowConverter::new(fields)?;
+        let converted = converter.convert_columns(&columns)?;
+        let mut rows: HashMap<Box<[u8]>, Vec<u32>> = HashMap::with_capacity(batch.num_rows());
+        for i in 0..batch.num_rows() {
+            if columns.iter().any(|c| c.is_null(i)) {
+                continue; // a null key matches nothing
+            }
+            rows.entry(converted.row(i).as_ref().into()).or_default().push(i as u32);
+        }
+        let built = Arc::new(Index { versions, batch, converter, rows });
+        self.builds.fetch_add(1, Ordering::Relaxed);
+        *slot = Some(built.clone());
+        Ok(built)
+    }
+}
+
+/// An equi-join of the events (`probe`) with a lookup side hashed once per
+/// version. The output is the hash join's it replaces (see [`Joiner`]).
+#[derive(Debug)]
+pub struct LookupJoinExec {
+    probe: Arc<dyn ExecutionPlan>,
+    join: Arc<Joiner>,
+    side: Arc<LookupSide>,
+    cache: Arc<PlanProperties>,
+}
+
 impl DisplayAs for LookupJoinExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        let names: Vec<&str> = self.lookups.iter().map(|l| l.name.as_str()).collect();
-        write!(f, "LookupJoinExec: lookups={names:?}, keep_unmatched={}", self.keep_unmatched)
+        let names: Vec<&str> = self.side.lookups.iter().map(|l| l.name.as_str()).collect();
+        write!(f, "LookupJoinExec: lookups={names:?}, keep_unmatched={}", self.join.keep_unmatched)
     }
 }
 
@@ -245,7 +275,7 @@ impl ExecutionPlan for LookupJoinExec {
         &self,
         f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
     ) -> DfResult<TreeNodeRecursion> {
-        for e in &self.probe_keys {
+        for e in &self.join.probe_keys {
             if f(e)? == TreeNodeRecursion::Stop {
                 return Ok(TreeNodeRecursion::Stop);
             }
@@ -261,38 +291,17 @@ impl ExecutionPlan for LookupJoinExec {
             children.pop().ok_or_else(|| DataFusionError::Internal("LookupJoinExec: no input".into()))?;
         Ok(Arc::new(Self {
             probe,
-            build: self.build.clone(),
-            lookups: self.lookups.clone(),
-            probe_keys: self.probe_keys.clone(),
-            build_keys: self.build_keys.clone(),
-            keep_unmatched: self.keep_unmatched,
-            probe_is_left: self.probe_is_left,
-            join_schema: self.join_schema.clone(),
-            projection: self.projection.clone(),
-            index: self.index.clone(),
-            builds: self.builds.clone(),
+            join: self.join.clone(),
+            side: self.side.clone(),
             cache: self.cache.clone(),
         }))
     }
 
     fn execute(&self, partition: usize, ctx: Arc<TaskContext>) -> DfResult<SendableRecordBatchStream> {
         let probe = self.probe.execute(partition, ctx.clone())?;
-        let join = Joiner {
-            probe_keys: self.probe_keys.clone(),
-            keep_unmatched: self.keep_unmatched,
-            probe_is_left: self.probe_is_left,
-            join_schema: self.join_schema.clone(),
-            projection: self.projection.clone(),
-        };
-        let (build, lookups, keys, index, builds) = (
-            self.build.clone(),
-            self.lookups.clone(),
-            self.build_keys.clone(),
-            self.index.clone(),
-            self.builds.clone(),
-        );
+        let (join, side) = (self.join.clone(), self.side.clone());
         let joined = async move {
-            let index = current_index(&build, &lookups, &keys, &index, &builds, ctx).await?;
+            let index = side.index(ctx).await?;
             Ok::<_, DataFusionError>(probe.map(move |b| join.join(&b?, &index)))
         };
         let out = futures::stream::once(joined).try_flatten();
@@ -300,50 +309,14 @@ impl ExecutionPlan for LookupJoinExec {
     }
 }
 
-/// The index of the lookup versions in use, built again when one changed.
-async fn current_index(
-    build: &Arc<dyn ExecutionPlan>,
-    lookups: &[Arc<Lookup>],
-    keys: &[PhysicalExprRef],
-    index: &tokio::sync::Mutex<Option<Arc<Index>>>,
-    builds: &AtomicU64,
-    ctx: Arc<TaskContext>,
-) -> DfResult<Arc<Index>> {
-    let versions: Vec<u64> = lookups.iter().map(|l| l.current().number).collect();
-    let mut slot = index.lock().await;
-    if let Some(i) = slot.as_ref().filter(|i| i.versions == versions) {
-        return Ok(i.clone());
-    }
-    let plan = datafusion::physical_plan::execution_plan::reset_plan_states(build.clone())?;
-    let batches = collect(plan, ctx).await?;
-    let batch = datafusion::arrow::compute::concat_batches(&build.schema(), &batches)?;
-    let columns = key_columns(keys, &batch)?;
-    let converter = converter(&columns)?;
-    let converted = converter.convert_columns(&columns)?;
-    let mut rows: HashMap<Box<[u8]>, Vec<u32>> = HashMap::with_capacity(batch.num_rows());
-    for i in 0..batch.num_rows() {
-        if columns.iter().any(|c| c.is_null(i)) {
-            continue; // a null key matches nothing
-        }
-        rows.entry(converted.row(i).as_ref().into()).or_default().push(i as u32);
-    }
-    let built = Arc::new(Index { versions, batch, rows });
-    builds.fetch_add(1, Ordering::Relaxed);
-    *slot = Some(built.clone());
-    Ok(built)
-}
-
 fn key_columns(keys: &[PhysicalExprRef], batch: &RecordBatch) -> DfResult<Vec<ArrayRef>> {
     keys.iter().map(|k| k.evaluate(batch)?.into_array(batch.num_rows())).collect()
 }
 
-fn converter(columns: &[ArrayRef]) -> DfResult<RowConverter> {
-    let fields = columns.iter().map(|c| SortField::new(c.data_type().clone())).collect();
-    Ok(RowConverter::new(fields)?)
-}
-
-/// What joins one batch of events with an index.
-#[derive(Clone)]
+/// How one batch of events is joined with an index: the columns of the
+/// hash join's left then right input, rows of the events without a match
+/// kept (with nulls) when `keep_unmatched`, then the join's projection.
+#[derive(Debug)]
 struct Joiner {
     probe_keys: Vec<PhysicalExprRef>,
     keep_unmatched: bool,
@@ -355,7 +328,7 @@ struct Joiner {
 impl Joiner {
     fn join(&self, batch: &RecordBatch, index: &Index) -> DfResult<RecordBatch> {
         let columns = key_columns(&self.probe_keys, batch)?;
-        let converted = converter(&columns)?.convert_columns(&columns)?;
+        let converted = index.converter.convert_columns(&columns)?;
         let mut probe_at = UInt32Builder::with_capacity(batch.num_rows());
         let mut build_at = UInt32Builder::with_capacity(batch.num_rows());
         for i in 0..batch.num_rows() {
@@ -437,18 +410,24 @@ pub fn rewrite(plan: Arc<dyn ExecutionPlan>) -> DfResult<Arc<dyn ExecutionPlan>>
         };
         let schema = hj.schema();
         let partitioning = Partitioning::UnknownPartitioning(probe.output_partitioning().partition_count());
-        Ok(Transformed::yes(Arc::new(LookupJoinExec {
-            probe,
-            build,
-            lookups,
+        let join = Joiner {
             probe_keys,
-            build_keys,
             keep_unmatched,
             probe_is_left,
             join_schema: hj.join_schema().clone(),
             projection: hj.projection.as_ref().map(|p| p.to_vec()),
-            index: Arc::default(),
-            builds: Arc::default(),
+        };
+        let side = LookupSide {
+            build,
+            lookups,
+            keys: build_keys,
+            index: Default::default(),
+            builds: AtomicU64::new(0),
+        };
+        Ok(Transformed::yes(Arc::new(LookupJoinExec {
+            probe,
+            join: Arc::new(join),
+            side: Arc::new(side),
             cache: properties(schema, partitioning),
         }) as Arc<dyn ExecutionPlan>))
     })
@@ -462,7 +441,7 @@ pub fn index_builds(plan: &Arc<dyn ExecutionPlan>) -> (usize, u64) {
     let _ = plan.apply(|node| {
         if let Some(j) = node.downcast_ref::<LookupJoinExec>() {
             joins += 1;
-            builds += j.builds.load(Ordering::Relaxed);
+            builds += j.side.builds.load(Ordering::Relaxed);
         }
         Ok(TreeNodeRecursion::Continue)
     });

@@ -93,11 +93,13 @@ pub async fn open(
     }
     let mut decoder = Decoder::new(&columns, BATCH_ROWS).map_err(Error::Usage)?;
     let schema = decoder.schema();
+    // With a declared schema: where each declared column is in what is read.
     let declared = match &src.schema {
         Some(d) => {
             let declared = crate::plan::schema::from_declared(d).map_err(|e| Error::Usage(e.join("; ")))?;
+            let mut at = Vec::with_capacity(declared.fields().len());
             for f in declared.fields() {
-                if schema.index_of(f.name()).is_err() {
+                let Ok(i) = schema.index_of(f.name()) else {
                     let found: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
                     return Err(external(
                         name,
@@ -108,9 +110,10 @@ pub async fn open(
                             found.join(", ")
                         ),
                     ));
-                }
+                };
+                at.push(i);
             }
-            Some(declared)
+            Some((declared, at))
         }
         None => None,
     };
@@ -143,10 +146,10 @@ pub async fn open(
     let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
     Ok(match declared {
         None => Box::pin(RecordBatchStreamAdapter::new(schema, stream)),
-        Some(declared) => {
+        Some((declared, at)) => {
             let out = declared.clone();
             let stream = stream.map(move |b| {
-                conform(b?, &declared)
+                conform(&b?, &declared, &at)
                     .map_err(|e| DataFusionError::External(Box::new(external(&name2, &url2, e))))
             });
             Box::pin(RecordBatchStreamAdapter::new(out, stream))
@@ -154,15 +157,18 @@ pub async fn open(
     })
 }
 
-/// `batch` as the declared columns: each taken by name and cast to its
-/// declared type; a value that does not fit, or a NULL in a required
+/// `batch` as the declared columns, the one at `at[k]` cast to the type of
+/// declared column `k`; a value that does not fit, or a NULL in a required
 /// column, is an error naming the column.
-fn conform(batch: RecordBatch, declared: &SchemaRef) -> std::result::Result<RecordBatch, String> {
+fn conform(
+    batch: &RecordBatch,
+    declared: &SchemaRef,
+    at: &[usize],
+) -> std::result::Result<RecordBatch, String> {
     use datafusion::arrow::compute::{cast_with_options, CastOptions};
     let options = CastOptions { safe: false, ..Default::default() };
     let mut columns = Vec::with_capacity(declared.fields().len());
-    for f in declared.fields() {
-        let i = batch.schema().index_of(f.name()).map_err(|e| format!("column '{}': {e}", f.name()))?;
+    for (f, &i) in declared.fields().iter().zip(at) {
         let c = cast_with_options(batch.column(i), f.data_type(), &options)
             .map_err(|e| format!("column '{}' as {}: {e}", f.name(), f.data_type()))?;
         if !f.is_nullable() && c.null_count() > 0 {
