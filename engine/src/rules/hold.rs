@@ -5,8 +5,11 @@
 //! watermark of their partition passes them: the newest time seen there,
 //! less the rule's `allowed_lateness`. Held events are then released in
 //! time order (ties in arrival order). A partition that goes quiet does not
-//! hold events for ever: an event held for `allowed_lateness` of wall-clock
-//! time is released, with every held event of its partition up to its time.
+//! hold events for ever: once it has received nothing for `allowed_lateness`
+//! of wall-clock time, every event it holds is released. A partition that
+//! keeps receiving events (a stream catching up on a backlog, an engine
+//! slowed down) goes by its watermark alone, so the counts do not depend on
+//! how fast the engine reads.
 //! An event older than what its partition has already released is late: it
 //! is left out of the rule's window and counted.
 //!
@@ -18,7 +21,7 @@
 //! twice. Apache Flink's watermarks work the same way; a window here slides
 //! per event, which DataFusion's and Arroyo's windowed aggregates do not.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,20 +94,15 @@ struct Part {
     /// The last row released: every held row up to it has been.
     released: Option<RowKey>,
     held: BTreeMap<RowKey, (u64, u32)>,
-    /// Held rows in arrival order, for the wall-clock release.
-    arrivals: VecDeque<(Instant, RowKey)>,
+    /// When the partition last received a row: quiet for the lateness,
+    /// it lets every held row go.
+    last_arrival: Option<Instant>,
     changed: bool,
 }
 
 impl Default for Part {
     fn default() -> Self {
-        Self {
-            newest: i64::MIN,
-            released: None,
-            held: BTreeMap::new(),
-            arrivals: VecDeque::new(),
-            changed: false,
-        }
+        Self { newest: i64::MIN, released: None, held: BTreeMap::new(), last_arrival: None, changed: false }
     }
 }
 
@@ -211,6 +209,7 @@ impl Held {
             for row in 0..slot.batch.num_rows() {
                 let p = slot.partition(row);
                 let part = rule.parts.entry(p).or_default();
+                part.last_arrival = Some(now);
                 // An event without a time counts as the newest of its partition.
                 let time = if t.times.is_valid(row) { t.times.value(row) } else { part.newest.max(0) };
                 let key = slot.key(time, row);
@@ -223,7 +222,6 @@ impl Held {
                 }
                 part.newest = part.newest.max(time);
                 part.held.insert(key, (id, row as u32));
-                part.arrivals.push_back((now, key));
                 *slot.refs.entry(p).or_default() += 1;
             }
         }
@@ -235,24 +233,15 @@ impl Held {
     }
 
     /// The rows `rule` may count now, in time order: those its partitions'
-    /// watermarks passed, those held for its lateness of wall-clock time
-    /// (with every row of their partition up to their time), or, with
-    /// `all`, every row it holds.
+    /// watermarks passed, every row of a partition quiet for its lateness of
+    /// wall-clock time, or, with `all`, every row it holds.
     pub fn release(&mut self, rule: &str, all: bool, now: Instant) -> Result<Option<Released>, String> {
         let Some(hold) = self.rules.get_mut(rule) else { return Ok(None) };
         let lateness_us = hold.lateness.as_micros() as i64;
         let mut out: Vec<(RowKey, u64, u32, u32)> = Vec::new();
         for (p, part) in hold.parts.iter_mut() {
-            let mut cutoff = if all { i64::MAX } else { part.newest.saturating_sub(lateness_us) };
-            while let Some((at, key)) = part.arrivals.front().copied() {
-                if now.duration_since(at) < hold.lateness && !all {
-                    break;
-                }
-                part.arrivals.pop_front();
-                if part.held.contains_key(&key) {
-                    cutoff = cutoff.max(key.0);
-                }
-            }
+            let quiet = part.last_arrival.is_some_and(|at| now.duration_since(at) >= hold.lateness);
+            let cutoff = if all || quiet { i64::MAX } else { part.newest.saturating_sub(lateness_us) };
             while let Some(entry) = part.held.first_entry() {
                 if entry.key().0 > cutoff {
                     break;
@@ -489,6 +478,27 @@ mod tests {
         assert_eq!(ids(&h.release("r", false, later).unwrap()), vec![14, 20], "held long enough");
         assert!(h.is_empty());
         assert!(h.slots.is_empty(), "no batch kept once nothing is held");
+    }
+
+    /// A partition that keeps receiving rows is not quiet, however long its
+    /// rows wait (an engine behind a backlog): only its watermark releases
+    /// them, in the order a fast engine would count them.
+    #[test]
+    fn a_partition_still_receiving_rows_goes_by_its_watermark_alone() {
+        let mut h = Held::default();
+        h.set_rules(&[("r", Duration::from_micros(10))]);
+        let now = Instant::now();
+        let later = now + Duration::from_micros(10);
+        assert_eq!(h.admit(1, &batch(&[5, 9]), None, &timed(&[5, 9]), now), vec![0]);
+        // Held the lateness on the clock, but the partition is busy: 7 and 8
+        // arrive, older than 9, and must count before it.
+        assert_eq!(h.admit(2, &batch(&[8, 7]), None, &timed(&[8, 7]), later), vec![0]);
+        assert!(h.release("r", false, later).unwrap().is_none(), "newest 9 less 10 passes nothing");
+        assert_eq!(h.admit(3, &batch(&[18]), None, &timed(&[18]), later), vec![0]);
+        assert_eq!(ids(&h.release("r", false, later).unwrap()), vec![5, 7, 8]);
+        let quiet = later + Duration::from_micros(10);
+        assert_eq!(ids(&h.release("r", false, quiet).unwrap()), vec![9, 18], "quiet: all go");
+        assert!(h.is_empty());
     }
 
     /// Stored rows and marks restore what was held and nothing counted:
