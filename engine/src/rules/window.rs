@@ -333,8 +333,12 @@ pub struct Windows {
     size_us: i64,
     ints: Map<i64>,
     rows: Map<Box<[u8]>>,
-    newest: i64,
-    swept_at: i64,
+    /// Per partition (by its number), the newest event time added, and
+    /// that time at its last sweep: each partition's keys age by its own
+    /// time, so one partition read ahead of another does not age the
+    /// other's windows.
+    newest: Vec<i64>,
+    swept_at: Vec<i64>,
     /// Durable windows: the keys changed (or forgotten) since the last
     /// [`Windows::changes`], each with its partition.
     changed: Option<Changed>,
@@ -367,8 +371,8 @@ impl Windows {
             size_us: size.as_micros() as i64,
             ints: HashMap::default(),
             rows: HashMap::default(),
-            newest: i64::MIN,
-            swept_at: 0,
+            newest: Vec::new(),
+            swept_at: Vec::new(),
             changed: None,
         }
     }
@@ -412,17 +416,28 @@ impl Windows {
         w.push(t, values, self.size_us);
         out.clear();
         out.extend(funcs.iter().enumerate().map(|(j, f)| w.value(j, values.len(), *f)));
-        self.newest = self.newest.max(t);
+        self.saw(partition, t);
+    }
+
+    fn saw(&mut self, partition: u32, t: i64) {
+        let p = partition as usize;
+        if self.newest.len() <= p {
+            self.newest.resize(p + 1, i64::MIN);
+            self.swept_at.resize(p + 1, i64::MIN);
+        }
+        self.newest[p] = self.newest[p].max(t);
     }
 
     /// Forgets keys whose every event is older than the window, so state
     /// follows the active keys rather than every key ever seen.
     pub fn sweep(&mut self) {
-        if self.newest - self.swept_at < self.size_us {
+        let size = self.size_us;
+        if !self.newest.iter().zip(&self.swept_at).any(|(n, s)| n.saturating_sub(*s) >= size) {
             return;
         }
-        let horizon = self.newest - self.size_us;
-        let stale = |w: &KeyWindow| w.latest().is_none_or(|t| t < horizon);
+        let newest = &self.newest;
+        let horizon = |p: u32| newest.get(p as usize).map_or(i64::MIN, |n| n.saturating_sub(size));
+        let stale = |w: &KeyWindow| w.latest().is_none_or(|t| t < horizon(w.partition));
         if let Some(c) = &mut self.changed {
             for (k, w) in self.ints.iter().filter(|(_, w)| stale(w)) {
                 c.ints.insert(*k, w.partition);
@@ -433,7 +448,7 @@ impl Windows {
         }
         self.ints.retain(|_, w| !stale(w));
         self.rows.retain(|_, w| !stale(w));
-        self.swept_at = self.newest;
+        self.swept_at.clone_from(&self.newest);
     }
 
     /// The keys changed since the last call, as stored (`stride`: the
@@ -459,7 +474,7 @@ impl Windows {
         let Some(mut w) = KeyWindow::decode(value, stride, self.size_us) else { return false };
         w.partition = partition;
         let Some(latest) = w.latest() else { return true };
-        self.newest = self.newest.max(latest);
+        self.saw(partition, latest);
         match key.split_first() {
             Some((b'i', k)) => match <[u8; 8]>::try_from(k) {
                 Ok(k) => self.ints.insert(i64::from_le_bytes(k), w).is_none(),
@@ -562,6 +577,36 @@ mod tests {
         assert_eq!(w.keys(), 1, "key b fell out of every window");
     }
 
+    /// Partitions keep their own time: one far ahead of another (an engine
+    /// reading one partition's backlog before the other's) does not make
+    /// the other's keys fall out of their windows.
+    #[test]
+    fn a_partition_ahead_does_not_age_another_partitions_keys() {
+        let mut w = Windows::new(std::time::Duration::from_secs(3));
+        w.make_durable();
+        let f = [Func::CountAll];
+        let s = 1_000_000;
+        let mut out = Vec::new();
+        w.add(Key::Int(1), 1, 10 * s, &[None], &f, &mut out);
+        w.add(Key::Int(1), 1, 11 * s, &[None], &f, &mut out);
+        for t in 0..100 {
+            w.add(Key::Int(2), 0, t * s, &[None], &f, &mut out);
+            w.sweep();
+        }
+        w.add(Key::Int(1), 1, 12 * s, &[None], &f, &mut out);
+        assert_eq!(out, vec![Some(3.0)], "partition 1 is at 12 s: its events at 10 and 11 s count");
+        assert!(
+            w.changes(f.len()).iter().all(|c| c.value.is_some()),
+            "nothing stored is removed while its partition's window still holds it"
+        );
+        w.add(Key::Int(1), 1, 20 * s, &[None], &f, &mut out);
+        w.sweep();
+        assert_eq!(w.keys(), 2, "keys 1 (at 20 s) and 2 (at 99 s)");
+        w.add(Key::Int(3), 1, 30 * s, &[None], &f, &mut out);
+        w.sweep();
+        assert_eq!(w.keys(), 2, "partition 1 at 30 s: key 1 fell out of its window");
+    }
+
     /// Durable windows: the changed keys come back as stored, and a window
     /// restored from them goes on as the original does; forgotten keys
     /// come back as removals.
@@ -597,11 +642,12 @@ mod tests {
         assert_eq!(a, vec![Some(4.0), Some(11.0), Some(1.0), Some(5.0)], "events at 10, 20, 30, 65 s");
         w.changes(f.len());
         w.add(Key::Int(8), 3, 200 * s, &v, &f, &mut a);
+        w.add(Key::Row(b"cd"), 1, 200 * s, &v, &f, &mut a);
         w.sweep();
         let mut removed: Vec<(Vec<u8>, bool)> =
             w.changes(f.len()).into_iter().map(|c| (c.key, c.value.is_some())).collect();
         removed.sort();
-        assert_eq!(removed.len(), 3, "keys 7 and ab forgotten, 8 added");
+        assert_eq!(removed.len(), 4, "keys 7 and ab forgotten, 8 and cd added");
         assert!(removed.iter().filter(|(_, kept)| !kept).count() == 2);
     }
 }

@@ -881,7 +881,10 @@ fn validation_refuses_a_window_not_keyed_by_the_partition_column() {
 /// Events that arrive up to 1.5 s out of time order, with the rule's
 /// allowed lateness 2 s, give the alerts of the events in time order (a
 /// count computed here), over a SIGKILL and a restart in the middle of the
-/// burst: rows held for order when the engine died are counted once. Events
+/// burst: rows held for order when the engine died are counted once. One
+/// partition's producer runs ahead of the other's (each block of 600 events
+/// reaches partition 0 before partition 1), so the engine reads one
+/// partition many windows of event time ahead of the other. Events
 /// later than the lateness are left out of the windows and counted in a
 /// metric, and stateless rules still see them.
 #[test]
@@ -924,9 +927,18 @@ fn out_of_order_events_within_the_lateness_give_the_in_order_answer() {
     let producer = {
         let stream = s.stream.clone();
         std::thread::spawn(move || {
-            for chunk in shuffled.chunks(100) {
-                produce_partitioned(&stream, 2, chunk);
-                std::thread::sleep(Duration::from_millis(100));
+            for block in shuffled.chunks(600) {
+                for p in 0..2 {
+                    let mine: Vec<(i64, i64, i64)> = block
+                        .iter()
+                        .filter(|e| crc32(e.1.to_string().as_bytes()) % 2 == p)
+                        .copied()
+                        .collect();
+                    for chunk in mine.chunks(100) {
+                        produce_partitioned(&stream, 2, chunk);
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
             }
         })
     };

@@ -234,12 +234,18 @@ impl SinkSettings for RedisSink {
     }
 }
 
+/// The most partitions a stream may have: one per Redis Cluster hash slot.
+pub const MAX_PARTITIONS: u32 = 16_384;
+
 /// `partitions` and `partition_by`, which go together and with `stream`.
 fn check_partitions(cx: &mut Context, stream: bool, partitions: Option<u32>, by: Option<&str>) {
     match partitions {
         None => {}
         Some(_) if !stream => cx.error_here("'partitions' applies to 'stream', not to 'channel'"),
         Some(0) => cx.error_here("'partitions' must be at least 1"),
+        Some(p) if p > MAX_PARTITIONS => cx.error_here(format!(
+            "'partitions: {p}' is more than {MAX_PARTITIONS}, the hash slots of a Redis Cluster: partitions beyond them share slots and spread nothing further"
+        )),
         Some(p) if p > 1 && by.is_none() => cx.error_here(format!(
             "'partitions: {p}' needs 'partition_by', the column whose value picks an event's partition"
         )),
