@@ -123,6 +123,10 @@ enum Job<'a, T> {
 
 type Fired = Result<Option<(RecordBatch, BooleanArray)>, String>;
 
+/// Rows from which a windowed rule runs on a thread of its own: fewer take
+/// less time than starting one.
+const THREAD_ROWS: usize = 256;
+
 /// Hits of one rule in one batch, and its events too late for its window.
 pub struct Hits {
     pub rule: String,
@@ -291,13 +295,15 @@ impl CompiledRules {
             }
         };
         let outcomes: Vec<Fired> = std::thread::scope(|scope| {
-            // The windowed rules start first; then this thread does the rest.
+            // The windowed rules start first, on threads of their own when
+            // they have rows enough to pay for one; then this thread does
+            // the rest.
             let pending: Vec<_> = jobs
                 .into_iter()
                 .map(|(rule, state, input)| {
                     let rows = input.rows(batch, partitions).map_or(0, |(b, _)| b.num_rows());
                     match state {
-                        Some(state) if rows > 0 => {
+                        Some(state) if rows >= THREAD_ROWS => {
                             Job::Running(scope.spawn(move || fire(rule, Some(state), input)))
                         }
                         state => Job::Waiting(rule, state, input),

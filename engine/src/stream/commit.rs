@@ -39,9 +39,13 @@ pub(super) struct Committer {
     pub(super) max_events: Option<u64>,
 }
 
-/// How many batches a sink may write ahead of the oldest batch not yet
-/// acknowledged.
-const AHEAD: usize = 4;
+/// How many batches, and events, a sink may write ahead of the oldest batch
+/// not yet acknowledged.
+const AHEAD: usize = 64;
+const AHEAD_EVENTS: u64 = 100_000;
+
+/// The most batches a sink that fell behind writes in one go.
+const COALESCE: usize = 16;
 
 /// A batch handed to the sinks, waiting for all of them.
 struct Pending {
@@ -81,11 +85,14 @@ impl Committer {
         drop(done_tx);
         let mut queue: std::collections::VecDeque<Pending> = Default::default();
         let mut next_seq = 0u64;
+        // Events of the batches in `queue`.
+        let mut ahead = 0u64;
         let mut open = true;
         loop {
             // The oldest batch, once every sink wrote it, is acknowledged.
             while queue.front().is_some_and(|p| p.outcomes.iter().all(Option::is_some)) {
                 let Some(p) = queue.pop_front() else { break };
+                ahead -= p.events;
                 let left = queue.len() + batches.len();
                 match self.settle(p, &ids, &stop).await {
                     Ok(()) => {}
@@ -100,7 +107,7 @@ impl Committer {
                 return (self.summary, Ok(()));
             }
             tokio::select! {
-                c = batches.recv(), if open && queue.len() < AHEAD => match c {
+                c = batches.recv(), if open && queue.len() < AHEAD && ahead < AHEAD_EVENTS => match c {
                     Some(c) => {
                         let Commit { outputs, events, token, first_at, state } = c;
                         let seq = next_seq;
@@ -110,6 +117,7 @@ impl Committer {
                             // A lane ends only after reporting a fatal outcome, which ends this loop first.
                             let _ = lane.send((seq, rows)).await;
                         }
+                        ahead += events;
                         queue.push_back(Pending { seq, events, token, first_at, state, outcomes: (0..lanes.len()).map(|_| None).collect() });
                     }
                     None => open = false,
@@ -193,6 +201,14 @@ impl Committer {
 
 /// One sink's task: writes the batches it is handed, in order, and reports
 /// each outcome; ends after a fatal one.
+///
+/// A sink that fell behind (a PostgreSQL commit slower than the batches
+/// come) writes the batches waiting for it in one go, up to [`COALESCE`]:
+/// one commit for several batches keeps it up with the others, rather than
+/// holding every sink back at [`AHEAD`]. The first batch of such a group
+/// carries the group's outcome (its rows, and the rows refused, which so
+/// reach the dead letter before any batch of the group is acknowledged);
+/// the others report an empty write.
 async fn lane(
     index: usize,
     mut sink: SinkOp,
@@ -200,18 +216,35 @@ async fn lane(
     done: mpsc::Sender<Outcome>,
     stop: watch::Receiver<bool>,
 ) {
-    while let Some((seq, input)) = batches.recv().await {
+    while let Some((seq, mut input)) = batches.recv().await {
+        let mut rest = Vec::new();
+        while rest.len() + 1 < COALESCE {
+            match batches.try_recv() {
+                Ok((s, rows)) => {
+                    rest.push(s);
+                    input.extend(rows);
+                }
+                Err(_) => break,
+            }
+        }
         let started = Instant::now();
         let outcome = sink.write(&input, &stop).await;
         if let Ok(w) = &outcome {
-            tracing::debug!(sink = %sink.id, "{} rows in {:?}", w.rows, started.elapsed());
+            tracing::debug!(sink = %sink.id, "{} rows of {} batches in {:?}", w.rows, 1 + rest.len(), started.elapsed());
             metrics::counter!("engine_events_in_total", "node" => sink.id.clone()).increment(w.rows);
             metrics::counter!("engine_sink_refused_total", "node" => sink.id.clone())
                 .increment(w.refused.len() as u64);
         }
-        let fatal = matches!(outcome, Err(Stop::Fatal(_)));
+        // After a fatal outcome the stream stops at the group's first batch.
+        let (written, fatal) = (outcome.is_ok(), matches!(outcome, Err(Stop::Fatal(_))));
         if done.send((index, seq, outcome)).await.is_err() || fatal {
             return;
+        }
+        for s in rest {
+            let o = if written { Ok(Written::default()) } else { Err(Stop::Interrupted) };
+            if done.send((index, s, o)).await.is_err() {
+                return;
+            }
         }
     }
 }

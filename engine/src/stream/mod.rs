@@ -207,12 +207,18 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
             failure = e;
         }
     }
-    let _ = stop_tx.send(true);
+    // The input ended (or a stop came): the batches read are committed
+    // first. Only a stop (a signal, `--for`) cuts short a sink still
+    // waiting for its system; the end of the input does not, a failure does.
+    if failure.is_some() {
+        let _ = stop_tx.send(true);
+    }
     drop(commit_tx);
     let (summary, committed) = match committing.await {
         Ok(outcome) => outcome,
         Err(e) => (Summary::default(), Err(Error::Internal(format!("sink task: {e}")))),
     };
+    let _ = stop_tx.send(true);
     failure = failure.or(committed.err());
     // Drain what the source still hands over after the stop (never
     // acknowledged: it is delivered again) until it ends, for its outcome.

@@ -558,20 +558,22 @@ fn dead_letters(stream: &str) -> Vec<(String, String)> {
     letters.iter().map(|(_, f)| (field(f, "payload"), field(f, "reason"))).collect()
 }
 
-#[test]
-fn rows_the_warehouse_refuses_go_to_the_dead_letter_and_the_rest_load() {
-    let s = Setup::new("refused", "stream: $STREAM\n    group: fraud", None);
-    let engine = s.start(&[]);
+/// Waits until the engine has run the warehouse's migrations.
+fn migrated(s: &Setup) {
     let migrations = std::fs::read_dir(repo_dir().join("migrations/dwh")).expect("migrations").count();
     wait_for("the migrations", Duration::from_secs(60), || {
         psql(&s.db, "SELECT to_regclass('engine_migrations') IS NOT NULL").trim() == "t"
             && psql(&s.db, "SELECT count(*) FROM engine_migrations WHERE success").trim()
                 == migrations.to_string()
     });
-    psql(&s.db, "ALTER TABLE fraud_alerts ADD CONSTRAINT below_9000 CHECK (amount < 9000)");
-    let (mut loaded, mut refused) = (BTreeSet::new(), BTreeSet::new());
-    let mut pipe = redis::pipe();
-    for id in 0..1200i64 {
+}
+
+/// Events `ids` for the refused-row tests: every 97th at $9,500 (above the
+/// CHECK the tests add: refused), every other 7th at $2,500 (loaded), the
+/// rest small. Returns the loadable alert ids and the refused event ids.
+fn refusable(ids: std::ops::Range<i64>) -> (Vec<String>, BTreeSet<String>, BTreeSet<i64>) {
+    let (mut payloads, mut loaded, mut refused) = (Vec::new(), BTreeSet::new(), BTreeSet::new());
+    for id in ids {
         let amount = match id {
             _ if id % 97 == 0 => 9500.0,
             _ if id % 7 == 0 => 2500.0,
@@ -582,19 +584,21 @@ fn rows_the_warehouse_refuses_go_to_the_dead_letter_and_the_rest_load() {
             a if a > 2000.0 => loaded.insert(format!("large_amount:{id}")),
             _ => false,
         };
-        pipe.cmd("XADD")
-            .arg(&s.stream)
-            .arg("*")
-            .arg("payload")
-            .arg(event(id, id % 40, amount, "USD"))
-            .ignore();
+        payloads.push(event(id, id % 40, amount, "USD"));
+    }
+    (payloads, loaded, refused)
+}
+
+fn xadd_all(stream: &str, payloads: &[String]) {
+    let mut pipe = redis::pipe();
+    for p in payloads {
+        pipe.cmd("XADD").arg(stream).arg("*").arg("payload").arg(p).ignore();
     }
     let _: () = pipe.query(&mut redis()).expect("XADD");
-    wait_for("every loadable alert, nothing pending", Duration::from_secs(60), || {
-        s.alerts() >= loaded.len() && s.pending() == 0
-    });
-    assert_eq!(stop(engine), 0, "{}", s.logs());
-    assert_eq!(s.alert_ids(), loaded, "every other row loaded");
+}
+
+/// Each refused row is in the dead letter once, with the CHECK's reason.
+fn assert_dead_letters(s: &Setup, refused: &BTreeSet<i64>) {
     let letters = dead_letters(&format!("{}.dlq", s.stream));
     let mut dead = BTreeSet::new();
     for (payload, reason) in &letters {
@@ -608,8 +612,95 @@ fn rows_the_warehouse_refuses_go_to_the_dead_letter_and_the_rest_load() {
         assert_eq!(row["alert_id"], format!("large_amount:{}", row["transaction_id"]));
         dead.insert(row["transaction_id"].as_i64().expect("transaction_id"));
     }
-    assert_eq!(dead, refused, "each refused row once in the dead letter");
+    assert_eq!(&dead, refused, "each refused row once in the dead letter");
     assert_eq!(letters.len(), refused.len());
+}
+
+#[test]
+fn rows_the_warehouse_refuses_go_to_the_dead_letter_and_the_rest_load() {
+    let s = Setup::new("refused", "stream: $STREAM\n    group: fraud", None);
+    let engine = s.start(&[]);
+    migrated(&s);
+    psql(&s.db, "ALTER TABLE fraud_alerts ADD CONSTRAINT below_9000 CHECK (amount < 9000)");
+    let (payloads, loaded, refused) = refusable(0..1200);
+    xadd_all(&s.stream, &payloads);
+    wait_for("every loadable alert, nothing pending", Duration::from_secs(60), || {
+        s.alerts() >= loaded.len() && s.pending() == 0
+    });
+    assert_eq!(stop(engine), 0, "{}", s.logs());
+    assert_eq!(s.alert_ids(), loaded, "every other row loaded");
+    assert_dead_letters(&s, &refused);
+}
+
+/// While the warehouse is locked (a slow commit, a long migration), the
+/// alerts channel still gets the alerts of the batches behind it, far more
+/// than a handful; once it is free, the warehouse sink writes the batches
+/// waiting for it together and catches up, each loadable alert loaded and
+/// each refused row in the dead letter once.
+#[test]
+fn a_locked_warehouse_holds_back_neither_the_alerts_channel_nor_its_catching_up() {
+    let s = Setup::new("locked", "stream: $STREAM\n    group: fraud", None);
+    let engine = s.start(&[]);
+    migrated(&s);
+    psql(&s.db, "ALTER TABLE fraud_alerts ADD CONSTRAINT below_9000 CHECK (amount < 9000)");
+    let channel: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    {
+        let (channel, name) = (channel.clone(), format!("{}.alerts", s.stream));
+        std::thread::spawn(move || {
+            let mut conn = redis();
+            let mut sub = conn.as_pubsub();
+            sub.subscribe(&name).expect("SUBSCRIBE");
+            let _ = ready_tx.send(());
+            while let Ok(m) = sub.get_message() {
+                let payload: String = m.get_payload().unwrap_or_default();
+                let v: serde_json::Value = serde_json::from_str(&payload).unwrap_or_default();
+                if let Some(id) = v["alert_id"].as_str() {
+                    channel.lock().expect("lock").insert(id.to_string());
+                }
+            }
+        });
+    }
+    ready_rx.recv().expect("subscribed");
+    let mut lock = Command::new("psql")
+        .args([
+            &format!("{}/{}", server(), s.db),
+            "-qtA",
+            "-c",
+            "BEGIN; LOCK TABLE fraud_alerts IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(6); COMMIT;",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("psql runs");
+    wait_for("the lock", Duration::from_secs(10), || {
+        psql(&s.db, "SELECT count(*) FROM pg_locks WHERE relation = 'fraud_alerts'::regclass AND mode = 'AccessExclusiveLock' AND granted").trim() == "1"
+    });
+    // 40 small batches, 50 ms apart: each its own batch.
+    let (payloads, loaded, refused) = refusable(0..1200);
+    for group in payloads.chunks(30) {
+        xadd_all(&s.stream, group);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let during = channel.lock().expect("lock").len();
+    let all = loaded.len() + refused.len();
+    eprintln!("while the warehouse was locked the alerts channel got {during} of {all} alerts");
+    assert!(
+        lock.try_wait().expect("psql").is_none(),
+        "the lock outlasted the burst; a slower machine needs a longer pg_sleep"
+    );
+    assert!(
+        during * 2 >= all,
+        "while the warehouse was locked the alerts channel got {during} of {all} alerts"
+    );
+    lock.wait().expect("the lock ends");
+    wait_for("every loadable alert, nothing pending", Duration::from_secs(60), || {
+        s.alerts() >= loaded.len() && s.pending() == 0
+    });
+    assert_eq!(stop(engine), 0, "{}", s.logs());
+    assert_eq!(s.alert_ids(), loaded, "every other row loaded");
+    assert_dead_letters(&s, &refused);
+    assert_eq!(channel.lock().expect("lock").len(), all, "every alert on the channel");
 }
 
 #[test]
