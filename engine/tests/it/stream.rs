@@ -558,14 +558,31 @@ fn dead_letters(stream: &str) -> Vec<(String, String)> {
     letters.iter().map(|(_, f)| (field(f, "payload"), field(f, "reason"))).collect()
 }
 
-/// Waits until the engine has run the warehouse's migrations.
-fn migrated(s: &Setup) {
+/// A running engine whose warehouse refuses alerts of $9,000 or more (a
+/// CHECK added once the engine has run its migrations).
+fn refusing(name: &str) -> (Setup, Child) {
+    let s = Setup::new(name, "stream: $STREAM\n    group: fraud", None);
+    let engine = s.start(&[]);
     let migrations = std::fs::read_dir(repo_dir().join("migrations/dwh")).expect("migrations").count();
     wait_for("the migrations", Duration::from_secs(60), || {
         psql(&s.db, "SELECT to_regclass('engine_migrations') IS NOT NULL").trim() == "t"
             && psql(&s.db, "SELECT count(*) FROM engine_migrations WHERE success").trim()
                 == migrations.to_string()
     });
+    psql(&s.db, "ALTER TABLE fraud_alerts ADD CONSTRAINT below_9000 CHECK (amount < 9000)");
+    (s, engine)
+}
+
+/// Once every loadable alert is in and nothing is pending, the engine
+/// stops cleanly with exactly those alerts loaded and each refused row in
+/// the dead letter once.
+fn loaded_and_refused(s: &Setup, engine: Child, loaded: &BTreeSet<String>, refused: &BTreeSet<i64>) {
+    wait_for("every loadable alert, nothing pending", Duration::from_secs(60), || {
+        s.alerts() >= loaded.len() && s.pending() == 0
+    });
+    assert_eq!(stop(engine), 0, "{}", s.logs());
+    assert_eq!(&s.alert_ids(), loaded, "every other row loaded");
+    assert_dead_letters(s, refused);
 }
 
 /// Events `ids` for the refused-row tests: every 97th at $9,500 (above the
@@ -618,18 +635,10 @@ fn assert_dead_letters(s: &Setup, refused: &BTreeSet<i64>) {
 
 #[test]
 fn rows_the_warehouse_refuses_go_to_the_dead_letter_and_the_rest_load() {
-    let s = Setup::new("refused", "stream: $STREAM\n    group: fraud", None);
-    let engine = s.start(&[]);
-    migrated(&s);
-    psql(&s.db, "ALTER TABLE fraud_alerts ADD CONSTRAINT below_9000 CHECK (amount < 9000)");
+    let (s, engine) = refusing("refused");
     let (payloads, loaded, refused) = refusable(0..1200);
     xadd_all(&s.stream, &payloads);
-    wait_for("every loadable alert, nothing pending", Duration::from_secs(60), || {
-        s.alerts() >= loaded.len() && s.pending() == 0
-    });
-    assert_eq!(stop(engine), 0, "{}", s.logs());
-    assert_eq!(s.alert_ids(), loaded, "every other row loaded");
-    assert_dead_letters(&s, &refused);
+    loaded_and_refused(&s, engine, &loaded, &refused);
 }
 
 /// While the warehouse is locked (a slow commit, a long migration), the
@@ -639,10 +648,7 @@ fn rows_the_warehouse_refuses_go_to_the_dead_letter_and_the_rest_load() {
 /// each refused row in the dead letter once.
 #[test]
 fn a_locked_warehouse_holds_back_neither_the_alerts_channel_nor_its_catching_up() {
-    let s = Setup::new("locked", "stream: $STREAM\n    group: fraud", None);
-    let engine = s.start(&[]);
-    migrated(&s);
-    psql(&s.db, "ALTER TABLE fraud_alerts ADD CONSTRAINT below_9000 CHECK (amount < 9000)");
+    let (s, engine) = refusing("locked");
     let channel: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     {
@@ -694,12 +700,7 @@ fn a_locked_warehouse_holds_back_neither_the_alerts_channel_nor_its_catching_up(
         "while the warehouse was locked the alerts channel got {during} of {all} alerts"
     );
     lock.wait().expect("the lock ends");
-    wait_for("every loadable alert, nothing pending", Duration::from_secs(60), || {
-        s.alerts() >= loaded.len() && s.pending() == 0
-    });
-    assert_eq!(stop(engine), 0, "{}", s.logs());
-    assert_eq!(s.alert_ids(), loaded, "every other row loaded");
-    assert_dead_letters(&s, &refused);
+    loaded_and_refused(&s, engine, &loaded, &refused);
     assert_eq!(channel.lock().expect("lock").len(), all, "every alert on the channel");
 }
 
