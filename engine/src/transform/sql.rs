@@ -37,8 +37,17 @@ pub fn session(purpose: Purpose) -> SessionContext {
         Purpose::Plan => SessionContext::new(),
         Purpose::Batch => {
             let config = SessionConfig::new().with_target_partitions(2).with_batch_size(8192);
+            // A fair pool, not DataFusion's default greedy one: a query with
+            // several sorts and window aggregates at once (a rules backtest)
+            // shares the limit between them, where a greedy pool let one
+            // take it all and another's merge fail at random.
+            use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+            let pool = TrackConsumersPool::new(
+                FairSpillPool::new(512 * 1024 * 1024),
+                5.try_into().unwrap_or(std::num::NonZeroUsize::MIN),
+            );
             let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-                .with_memory_limit(512 * 1024 * 1024, 1.0)
+                .with_memory_pool(Arc::new(pool))
                 .build_arc()
                 .unwrap_or_default();
             SessionContext::new_with_config_rt(config, runtime)
