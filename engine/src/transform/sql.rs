@@ -44,7 +44,7 @@ pub fn session(purpose: Purpose) -> SessionContext {
             use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
             let pool = TrackConsumersPool::new(
                 FairSpillPool::new(512 * 1024 * 1024),
-                5.try_into().unwrap_or(std::num::NonZeroUsize::MIN),
+                std::num::NonZeroUsize::new(5).unwrap_or(std::num::NonZeroUsize::MIN),
             );
             let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
                 .with_memory_pool(Arc::new(pool))

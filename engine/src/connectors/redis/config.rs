@@ -235,7 +235,7 @@ impl SinkSettings for RedisSink {
 }
 
 /// The most partitions a stream may have: one per Redis Cluster hash slot.
-pub const MAX_PARTITIONS: u32 = 16_384;
+const MAX_PARTITIONS: u32 = 16_384;
 
 /// `partitions` and `partition_by`, which go together and with `stream`.
 fn check_partitions(cx: &mut Context, stream: bool, partitions: Option<u32>, by: Option<&str>) {
