@@ -524,6 +524,7 @@ fn with_aggregates(
         }
     }
     state.sweep();
+    state.encode_changes(w.funcs.len());
     let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
     for (j, vals) in out.into_iter().enumerate() {
         cols.push(match w.funcs[j] {

@@ -14,8 +14,9 @@
 //! is left out of the rule's window and counted.
 //!
 //! The source batches whose rows are held are kept once for every rule of a
-//! transform. With durable windows, the held rows of each batch are saved
-//! per partition when the batch is acknowledged, and each rule's release
+//! transform. With durable windows, the rows of each batch still held when
+//! it is acknowledged are saved per partition (those already released are
+//! in the window state saved with them), and each rule's release
 //! mark with the window state: after a restart, the rows above the mark are
 //! held again and the rest, already in the saved windows, are not counted
 //! twice. Apache Flink's watermarks work the same way; a window here slides
@@ -69,6 +70,9 @@ struct Slot {
     partition: u32,
     /// Rows held, over every rule, per partition.
     refs: HashMap<u32, usize>,
+    /// How many rules hold each row: a batch is stored with only the rows
+    /// still held (the others are in the window state stored with it).
+    holders: Vec<u16>,
     saved: bool,
 }
 
@@ -143,8 +147,8 @@ impl Held {
         for g in gone {
             if let Some(h) = self.rules.remove(&g) {
                 for (p, part) in h.parts {
-                    for (slot, _) in part.held.into_values() {
-                        self.unref_partition(slot, p);
+                    for (slot, row) in part.held.into_values() {
+                        self.unhold(slot, row, p);
                     }
                 }
             }
@@ -184,6 +188,7 @@ impl Held {
             partitions: partitions.map(Arc::from),
             partition: 0,
             refs: HashMap::new(),
+            holders: vec![0; batch.num_rows()],
             saved: false,
         };
         let late = self.hold_rows(id, slot, timed, now, |_, _| true);
@@ -223,6 +228,7 @@ impl Held {
                 part.newest = part.newest.max(time);
                 part.held.insert(key, (id, row as u32));
                 *slot.refs.entry(p).or_default() += 1;
+                slot.holders[row] += 1;
             }
         }
         if !slot.refs.is_empty() {
@@ -288,14 +294,18 @@ impl Held {
         };
         let partitions: Vec<u32> = out.iter().map(|r| r.3).collect();
         let partitions = Arc::from(partitions);
-        for (_, slot, _, p) in &out {
-            self.unref_partition(*slot, *p);
+        for (_, slot, row, p) in &out {
+            self.unhold(*slot, *row, *p);
         }
         Ok(Some(Released { batch, partitions }))
     }
 
-    fn unref_partition(&mut self, slot: u64, p: u32) {
+    /// One rule no longer holds `row` of `slot` (of partition `p`).
+    fn unhold(&mut self, slot: u64, row: u32, p: u32) {
         let Some(s) = self.slots.get_mut(&slot) else { return };
+        if let Some(h) = s.holders.get_mut(row as usize) {
+            *h = h.saturating_sub(1);
+        }
         let Some(n) = s.refs.get_mut(&p) else { return };
         *n -= 1;
         if *n == 0 {
@@ -321,8 +331,9 @@ impl Held {
             let Some(slot) = self.slots.get_mut(&id) else { continue };
             slot.saved = true;
             for p in slot.refs.keys() {
-                let rows: Vec<u32> =
-                    (0..slot.batch.num_rows() as u32).filter(|r| slot.partition(*r as usize) == *p).collect();
+                let rows: Vec<u32> = (0..slot.batch.num_rows() as u32)
+                    .filter(|r| slot.holders[*r as usize] > 0 && slot.partition(*r as usize) == *p)
+                    .collect();
                 out.push(HoldWrite {
                     rule: None,
                     partition: *p,
@@ -382,6 +393,7 @@ impl Held {
     ) -> Result<usize, String> {
         let (batch, rows) = decode(value)?;
         let timed = times(&batch)?;
+        let holders = vec![0; rows.len()];
         let id = self.next_slot;
         let slot = Slot {
             seq,
@@ -390,6 +402,7 @@ impl Held {
             partitions: None,
             partition,
             refs: HashMap::new(),
+            holders,
             saved: true,
         };
         self.hold_rows(id, slot, &timed, now, |part, key| part.released.is_none_or(|r| key > r));
@@ -499,6 +512,48 @@ mod tests {
         let quiet = later + Duration::from_micros(10);
         assert_eq!(ids(&h.release("r", false, quiet).unwrap()), vec![9, 18], "quiet: all go");
         assert!(h.is_empty());
+    }
+
+    /// A batch is stored with only the rows some rule still holds: the rows
+    /// released before it is stored are in the window state saved with it.
+    #[test]
+    fn a_batch_is_stored_with_only_the_rows_still_held() {
+        let mut h = Held::default();
+        h.make_durable();
+        h.set_rules(&[("r", Duration::from_micros(10)), ("s", Duration::from_micros(10))]);
+        let now = Instant::now();
+        let t = [1, 2, 30, 3, 25];
+        let timed = |times: &[i64]| {
+            ["r", "s"]
+                .map(|rule| Timed {
+                    rule,
+                    lateness: Duration::from_micros(10),
+                    times: Int64Array::from(times.to_vec()),
+                })
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        h.admit(1, &batch(&t), None, &timed(&t), now);
+        assert_eq!(ids(&h.release("r", false, now).unwrap()), vec![1, 2, 3], "up to 30 - 10");
+        let stored = h.changes().unwrap();
+        let rows: Vec<&HoldWrite> = stored.iter().filter(|w| w.rule.is_none()).collect();
+        assert_eq!(rows.len(), 1);
+        let (kept, places) = decode(rows[0].value.as_deref().unwrap()).unwrap();
+        let kept: Vec<i64> = kept.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec();
+        assert_eq!(kept, vec![1, 2, 30, 3, 25], "rule s holds every row");
+        assert_eq!(places, vec![0, 1, 2, 3, 4]);
+
+        let t = [40, 41, 70, 42, 65];
+        h.admit(2, &batch(&t), None, &timed(&t), now);
+        assert_eq!(ids(&h.release("r", false, now).unwrap()), vec![25, 30, 40, 41, 42], "up to 70 - 10");
+        assert_eq!(ids(&h.release("s", false, now).unwrap()), vec![1, 2, 3, 25, 30, 40, 41, 42]);
+        let stored = h.changes().unwrap();
+        let rows: Vec<&HoldWrite> = stored.iter().filter(|w| w.rule.is_none() && w.value.is_some()).collect();
+        assert_eq!(rows.len(), 1);
+        let (kept, places) = decode(rows[0].value.as_deref().unwrap()).unwrap();
+        let kept: Vec<i64> = kept.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec();
+        assert_eq!(kept, vec![70, 65], "rows 0, 1 and 3 were counted by both rules");
+        assert_eq!(places, vec![2, 4]);
     }
 
     /// Stored rows and marks restore what was held and nothing counted:

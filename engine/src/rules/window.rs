@@ -344,25 +344,36 @@ pub struct Windows {
     changed: Option<Changed>,
 }
 
-#[derive(Default)]
 struct Changed {
+    /// What the stored fields start with (naming the window).
+    prefix: [u8; 8],
     ints: HashMap<i64, u32>,
     rows: HashMap<Box<[u8]>, u32>,
+    /// Changes encoded by [`Windows::encode_changes`], not taken yet, and
+    /// in how many passes (after the first, a key may come twice).
+    encoded: Vec<Stored>,
+    passes: usize,
 }
 
 /// A key's window as stored, or its removal (`value: None`).
 pub struct Stored {
     pub partition: u32,
-    /// The key: `i` and 8 bytes (an integer key), or `r` and Arrow's row format.
-    pub key: Vec<u8>,
+    /// The window's prefix, then the key: `i` and 8 bytes (an integer
+    /// key), or `r` and Arrow's row format.
+    pub field: Vec<u8>,
     pub value: Option<Vec<u8>>,
 }
 
-fn stored_key(key: Key<'_>) -> Vec<u8> {
-    match key {
-        Key::Int(k) => [b"i".as_slice(), &k.to_le_bytes()].concat(),
-        Key::Row(r) => [b"r".as_slice(), r].concat(),
-    }
+fn stored_field(prefix: &[u8; 8], key: Key<'_>) -> Vec<u8> {
+    let (tag, bytes) = match &key {
+        Key::Int(k) => (b'i', &k.to_le_bytes()[..]),
+        Key::Row(r) => (b'r', *r),
+    };
+    let mut field = Vec::with_capacity(9 + bytes.len());
+    field.extend_from_slice(prefix);
+    field.push(tag);
+    field.extend_from_slice(bytes);
+    field
 }
 
 impl Windows {
@@ -377,9 +388,16 @@ impl Windows {
         }
     }
 
-    /// Keeps track of changed keys, for [`Windows::changes`].
-    pub fn make_durable(&mut self) {
-        self.changed.get_or_insert_with(Changed::default);
+    /// Keeps track of changed keys, for [`Windows::changes`]; their stored
+    /// fields start with `prefix`.
+    pub fn make_durable(&mut self, prefix: [u8; 8]) {
+        self.changed.get_or_insert_with(|| Changed {
+            prefix,
+            ints: HashMap::new(),
+            rows: HashMap::new(),
+            encoded: Vec::new(),
+            passes: 0,
+        });
     }
 
     /// Adds one event to its key's window; `out` gets the aggregates over
@@ -451,19 +469,37 @@ impl Windows {
         self.swept_at.clone_from(&self.newest);
     }
 
-    /// The keys changed since the last call, as stored (`stride`: the
-    /// rule's aggregate count); a key no longer held is a removal.
-    pub fn changes(&mut self, stride: usize) -> Vec<Stored> {
-        let Some(c) = &mut self.changed else { return Vec::new() };
-        let c = std::mem::take(c);
-        let mut out = Vec::with_capacity(c.ints.len() + c.rows.len());
-        for (k, partition) in c.ints {
-            let value = self.ints.get(&k).map(|w| w.encode(stride));
-            out.push(Stored { partition, key: stored_key(Key::Int(k)), value });
+    /// Encodes the keys changed so far, for the next [`Windows::changes`]:
+    /// a rule evaluated on a thread of its own encodes there, after its
+    /// batch (`stride`: the rule's aggregate count).
+    pub fn encode_changes(&mut self, stride: usize) {
+        let Self { changed: Some(c), ints, rows, .. } = self else { return };
+        if c.ints.is_empty() && c.rows.is_empty() {
+            return;
         }
-        for (k, partition) in c.rows {
-            let value = self.rows.get(&k).map(|w| w.encode(stride));
-            out.push(Stored { partition, key: stored_key(Key::Row(&k)), value });
+        c.passes += 1;
+        c.encoded.reserve(c.ints.len() + c.rows.len());
+        for (k, partition) in c.ints.drain() {
+            let value = ints.get(&k).map(|w| w.encode(stride));
+            c.encoded.push(Stored { partition, field: stored_field(&c.prefix, Key::Int(k)), value });
+        }
+        for (k, partition) in c.rows.drain() {
+            let value = rows.get(&k).map(|w| w.encode(stride));
+            c.encoded.push(Stored { partition, field: stored_field(&c.prefix, Key::Row(&k)), value });
+        }
+    }
+
+    /// The keys changed since the last call, as stored; a key no longer
+    /// held is a removal.
+    pub fn changes(&mut self, stride: usize) -> Vec<Stored> {
+        self.encode_changes(stride);
+        let Some(c) = &mut self.changed else { return Vec::new() };
+        let mut out = std::mem::take(&mut c.encoded);
+        if std::mem::take(&mut c.passes) > 1 {
+            // A key encoded in several passes: the last one stands.
+            let mut seen = std::collections::HashSet::new();
+            out.reverse();
+            out.retain(|s| seen.insert(s.field.clone()));
         }
         out
     }
@@ -583,7 +619,7 @@ mod tests {
     #[test]
     fn a_partition_ahead_does_not_age_another_partitions_keys() {
         let mut w = Windows::new(std::time::Duration::from_secs(3));
-        w.make_durable();
+        w.make_durable(*b"windows_");
         let f = [Func::CountAll];
         let s = 1_000_000;
         let mut out = Vec::new();
@@ -607,6 +643,28 @@ mod tests {
         assert_eq!(w.keys(), 2, "partition 1 at 30 s: key 1 fell out of its window");
     }
 
+    /// Changes encoded in several passes before they are taken: each key
+    /// comes once, as it was last.
+    #[test]
+    fn a_key_encoded_twice_is_stored_as_last_encoded() {
+        let f = [Func::CountAll];
+        let s = 1_000_000;
+        let mut w = Windows::new(std::time::Duration::from_secs(60));
+        w.make_durable(*b"windows_");
+        let mut out = Vec::new();
+        w.add(Key::Int(1), 0, 0, &[None], &f, &mut out);
+        w.add(Key::Int(2), 0, 0, &[None], &f, &mut out);
+        w.encode_changes(f.len());
+        w.add(Key::Int(1), 0, s, &[None], &f, &mut out);
+        let changes = w.changes(f.len());
+        assert_eq!(changes.len(), 2, "keys 1 and 2 once each");
+        let one = changes.iter().find(|c| c.field[9..] == 1i64.to_le_bytes()).unwrap();
+        let mut back = Windows::new(std::time::Duration::from_secs(60));
+        back.restore(0, &one.field[8..], one.value.as_deref().unwrap(), f.len());
+        back.add(Key::Int(1), 0, 2 * s, &[None], &f, &mut out);
+        assert_eq!(out, vec![Some(3.0)], "the second encoding, with both events, stands");
+    }
+
     /// Durable windows: the changed keys come back as stored, and a window
     /// restored from them goes on as the original does; forgotten keys
     /// come back as removals.
@@ -615,7 +673,7 @@ mod tests {
         let f = [Func::CountAll, Func::Sum, Func::Min, Func::Max];
         let s = 1_000_000;
         let mut w = Windows::new(std::time::Duration::from_secs(60));
-        w.make_durable();
+        w.make_durable(*b"windows_");
         let mut out = Vec::new();
         for (i, t) in [0, 10, 20, 30].iter().enumerate() {
             let v = [None, Some(i as f64), (i != 2).then_some(i as f64), Some(-(i as f64))];
@@ -627,8 +685,9 @@ mod tests {
         assert!(w.changes(f.len()).is_empty(), "taken once");
         let mut back = Windows::new(std::time::Duration::from_secs(60));
         for c in &changes {
-            assert!(back.restore(c.partition, &c.key, c.value.as_deref().unwrap(), f.len()));
-            assert_eq!(c.partition, if c.key[0] == b'i' { 3 } else { 1 });
+            assert_eq!(&c.field[..8], b"windows_");
+            assert!(back.restore(c.partition, &c.field[8..], c.value.as_deref().unwrap(), f.len()));
+            assert_eq!(c.partition, if c.field[8] == b'i' { 3 } else { 1 });
         }
         assert!(
             !back.restore(0, b"i\0\0\0\0\0\0\0\x01", &changes[0].value.clone().unwrap(), 2),
@@ -645,7 +704,7 @@ mod tests {
         w.add(Key::Row(b"cd"), 1, 200 * s, &v, &f, &mut a);
         w.sweep();
         let mut removed: Vec<(Vec<u8>, bool)> =
-            w.changes(f.len()).into_iter().map(|c| (c.key, c.value.is_some())).collect();
+            w.changes(f.len()).into_iter().map(|c| (c.field, c.value.is_some())).collect();
         removed.sort();
         assert_eq!(removed.len(), 4, "keys 7 and ab forgotten, 8 and cd added");
         assert!(removed.iter().filter(|(_, kept)| !kept).count() == 2);

@@ -25,6 +25,12 @@ use crate::spec::model::Transform;
 use crate::transform::lookup::Lookup;
 use crate::transform::prepared::SqlOp;
 
+/// The stored field prefix of a window of transform `id`: a hash of the
+/// transform and the window's signature.
+fn field_prefix(id: &str, signature: &str) -> [u8; 8] {
+    xxhash_rust::xxh3::xxh3_64(format!("{id}\0{signature}").as_bytes()).to_be_bytes()
+}
+
 /// A rules transform in a running stream.
 pub(super) struct RulesOp {
     id: String,
@@ -46,7 +52,7 @@ impl RulesOp {
     /// The stored field of a window's key: a hash of this transform and
     /// the window's signature, then the key.
     fn field_prefix(&self, signature: &str) -> [u8; 8] {
-        xxhash_rust::xxh3::xxh3_64(format!("{}\0{signature}", self.id).as_bytes()).to_be_bytes()
+        field_prefix(&self.id, signature)
     }
 
     /// The stored field prefix of the rows held for event-time order.
@@ -57,8 +63,8 @@ impl RulesOp {
     /// Durable windows track their changed keys (windows a reload added too).
     fn track_windows(&mut self) {
         if self.durable.is_some() {
-            for w in self.state.windows.values_mut() {
-                w.make_durable();
+            for (sig, w) in self.state.windows.iter_mut() {
+                w.make_durable(field_prefix(&self.id, sig));
             }
             self.state.held.make_durable();
         }
@@ -114,12 +120,11 @@ impl RulesOp {
             return Ok(());
         }
         for (sig, stride, size) in self.current.window_signatures() {
-            let prefix = self.field_prefix(sig);
             let Some(w) = self.state.windows.get_mut(sig) else { continue };
             state.keep_for = state.keep_for.max(size + Duration::from_secs(24 * 3600));
             state.writes.extend(w.changes(stride).into_iter().map(|c| StateWrite {
                 partition: c.partition,
-                field: [prefix.as_slice(), &c.key].concat(),
+                field: c.field,
                 value: c.value,
             }));
         }

@@ -189,11 +189,14 @@ impl Reader {
         // Own pending entries are looked at once per process: after a
         // reconnect, those are the batches in flight.
         let mut own_pending = !self.own_done;
+        // A read sent before the last reply was decoded, and its count.
+        type Read = tokio::task::JoinHandle<redis::RedisResult<redis::Value>>;
+        let mut inflight: Option<(Read, usize)> = None;
         loop {
             if *ctl.shutdown.borrow() {
                 return Ok(());
             }
-            if Instant::now() >= reclaim_at {
+            if inflight.is_none() && Instant::now() >= reclaim_at {
                 let mut more = false;
                 for s in 0..self.cfg.streams.len() {
                     let mut letters = Vec::new();
@@ -215,32 +218,48 @@ impl Reader {
                         Instant::now() + (self.cfg.reclaim_after / 2).max(Duration::from_millis(500));
                 }
             }
-            let count = self.cfg.max_rows.saturating_sub(self.decoder.rows()).max(1);
-            let block = self.wait(Duration::from_millis(500));
-            let mut cmd = redis::cmd("XREADGROUP");
-            cmd.arg("GROUP")
-                .arg(&self.cfg.group)
-                .arg(&self.cfg.consumer)
-                .arg("COUNT")
-                .arg(count)
-                .arg("BLOCK")
-                .arg(block.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(&self.cfg.streams);
-            for _ in &self.cfg.streams {
-                cmd.arg(">");
-            }
-            let read = cmd.query_async::<redis::Value>(&mut conn);
-            let reply = tokio::select! {
-                r = read => r.map_err(|e| e.to_string())?,
-                _ = ctl.shutdown.changed() => continue,
+            let (reply, count) = match inflight.take() {
+                Some((read, count)) => {
+                    let reply = tokio::select! {
+                        r = read => r.map_err(|e| format!("read task: {e}"))?.map_err(|e| e.to_string())?,
+                        _ = ctl.shutdown.changed() => continue,
+                    };
+                    (reply, count)
+                }
+                None => {
+                    let count = self.cfg.max_rows.saturating_sub(self.decoder.rows()).max(1);
+                    let block = self.wait(Duration::from_millis(500));
+                    let cmd = self.read_cmd(count, block);
+                    let read = cmd.query_async::<redis::Value>(&mut conn);
+                    let reply = tokio::select! {
+                        r = read => r.map_err(|e| e.to_string())?,
+                        _ = ctl.shutdown.changed() => continue,
+                    };
+                    (reply, count)
+                }
             };
-            let mut received = 0;
-            for (key, entries) in read_reply(reply) {
+            let streams = read_reply(reply);
+            let received: usize = streams.iter().map(|(_, e)| e.len()).sum();
+            // A full reply: more is likely waiting (a backlog, a burst). The
+            // next read goes out now, so that Redis prepares it while this
+            // one is decoded. A reply short of what was asked leaves the
+            // streams empty: the next read waits for the batch to go on.
+            if received >= count && !*ctl.shutdown.borrow() && Instant::now() < reclaim_at {
+                let filled = self.decoder.rows() + received;
+                let (next, block) = if filled >= self.cfg.max_rows {
+                    (self.cfg.max_rows, Duration::from_millis(500))
+                } else {
+                    (self.cfg.max_rows - filled, self.wait(self.cfg.max_wait))
+                };
+                let cmd = self.read_cmd(next, block);
+                let mut c = conn.clone();
+                inflight =
+                    Some((tokio::spawn(async move { cmd.query_async::<redis::Value>(&mut c).await }), next));
+            }
+            for (key, entries) in streams {
                 let Some(s) = self.cfg.streams.iter().position(|k| *k == key) else { continue };
                 let mut letters = Vec::new();
                 let mut gone = Vec::new();
-                received += entries.len();
                 for e in entries {
                     self.take_entry(s, e, &mut letters, &mut gone);
                 }
@@ -256,6 +275,24 @@ impl Reader {
                 self.flush(out).await;
             }
         }
+    }
+
+    /// XREADGROUP of up to `count` new entries of the streams, waiting up to `block`.
+    fn read_cmd(&self, count: usize, block: Duration) -> redis::Cmd {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.cfg.group)
+            .arg(&self.cfg.consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(&self.cfg.streams);
+        for _ in &self.cfg.streams {
+            cmd.arg(">");
+        }
+        cmd
     }
 
     /// Stores the dead letters of stream `s` and acknowledges them, with
