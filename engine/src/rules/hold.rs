@@ -524,14 +524,11 @@ mod tests {
         let now = Instant::now();
         let t = [1, 2, 30, 3, 25];
         let timed = |times: &[i64]| {
-            ["r", "s"]
-                .map(|rule| Timed {
-                    rule,
-                    lateness: Duration::from_micros(10),
-                    times: Int64Array::from(times.to_vec()),
-                })
-                .into_iter()
-                .collect::<Vec<_>>()
+            Vec::from(["r", "s"].map(|rule| Timed {
+                rule,
+                lateness: Duration::from_micros(10),
+                times: Int64Array::from(times.to_vec()),
+            }))
         };
         h.admit(1, &batch(&t), None, &timed(&t), now);
         assert_eq!(ids(&h.release("r", false, now).unwrap()), vec![1, 2, 3], "up to 30 - 10");

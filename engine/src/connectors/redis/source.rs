@@ -20,6 +20,9 @@ use crate::connectors::codec::json::Decoder;
 use crate::connectors::Backoff;
 use crate::connectors::{Delivery, Token};
 
+/// A read of the streams, sent.
+type Read = tokio::task::JoinHandle<redis::RedisResult<redis::Value>>;
+
 /// What to read and how.
 pub struct Config {
     pub node: String,
@@ -190,7 +193,6 @@ impl Reader {
         // reconnect, those are the batches in flight.
         let mut own_pending = !self.own_done;
         // A read sent before the last reply was decoded, and its count.
-        type Read = tokio::task::JoinHandle<redis::RedisResult<redis::Value>>;
         let mut inflight: Option<(Read, usize)> = None;
         loop {
             if *ctl.shutdown.borrow() {
@@ -218,25 +220,13 @@ impl Reader {
                         Instant::now() + (self.cfg.reclaim_after / 2).max(Duration::from_millis(500));
                 }
             }
-            let (reply, count) = match inflight.take() {
-                Some((read, count)) => {
-                    let reply = tokio::select! {
-                        r = read => r.map_err(|e| format!("read task: {e}"))?.map_err(|e| e.to_string())?,
-                        _ = ctl.shutdown.changed() => continue,
-                    };
-                    (reply, count)
-                }
-                None => {
-                    let count = self.cfg.max_rows.saturating_sub(self.decoder.rows()).max(1);
-                    let block = self.wait(Duration::from_millis(500));
-                    let cmd = self.read_cmd(count, block);
-                    let read = cmd.query_async::<redis::Value>(&mut conn);
-                    let reply = tokio::select! {
-                        r = read => r.map_err(|e| e.to_string())?,
-                        _ = ctl.shutdown.changed() => continue,
-                    };
-                    (reply, count)
-                }
+            let (read, count) = match inflight.take() {
+                Some(sent) => sent,
+                None => self.read(&conn, self.decoder.rows()),
+            };
+            let reply = tokio::select! {
+                r = read => r.map_err(|e| format!("read task: {e}"))?.map_err(|e| e.to_string())?,
+                _ = ctl.shutdown.changed() => continue,
             };
             let streams = read_reply(reply);
             let received: usize = streams.iter().map(|(_, e)| e.len()).sum();
@@ -245,16 +235,7 @@ impl Reader {
             // one is decoded. A reply short of what was asked leaves the
             // streams empty: the next read waits for the batch to go on.
             if received >= count && !*ctl.shutdown.borrow() && Instant::now() < reclaim_at {
-                let filled = self.decoder.rows() + received;
-                let (next, block) = if filled >= self.cfg.max_rows {
-                    (self.cfg.max_rows, Duration::from_millis(500))
-                } else {
-                    (self.cfg.max_rows - filled, self.wait(self.cfg.max_wait))
-                };
-                let cmd = self.read_cmd(next, block);
-                let mut c = conn.clone();
-                inflight =
-                    Some((tokio::spawn(async move { cmd.query_async::<redis::Value>(&mut c).await }), next));
+                inflight = Some(self.read(&conn, self.decoder.rows() + received));
             }
             for (key, entries) in streams {
                 let Some(s) = self.cfg.streams.iter().position(|k| *k == key) else { continue };
@@ -277,8 +258,18 @@ impl Reader {
         }
     }
 
-    /// XREADGROUP of up to `count` new entries of the streams, waiting up to `block`.
-    fn read_cmd(&self, count: usize, block: Duration) -> redis::Cmd {
+    /// Sends an XREADGROUP for the batch being filled, which holds `filled`
+    /// rows (a full one: for the next batch); returns the read and its count.
+    /// It waits for new entries until the batch is due, or up to 500 ms
+    /// for a batch not started.
+    fn read(&self, conn: &MultiplexedConnection, filled: usize) -> (Read, usize) {
+        let (count, block) = match self.cfg.max_rows.checked_sub(filled) {
+            Some(0) | None => (self.cfg.max_rows, Duration::from_millis(500)),
+            Some(n) if filled == 0 => (n, self.wait(Duration::from_millis(500))),
+            // Rows taken but maybe not yet decoded (a read sent before
+            // its batch's first row was): up to `max_wait` from now.
+            Some(n) => (n, self.wait(self.cfg.max_wait)),
+        };
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.cfg.group)
@@ -292,7 +283,8 @@ impl Reader {
         for _ in &self.cfg.streams {
             cmd.arg(">");
         }
-        cmd
+        let mut conn = conn.clone();
+        (tokio::spawn(async move { cmd.query_async::<redis::Value>(&mut conn).await }), count)
     }
 
     /// Stores the dead letters of stream `s` and acknowledges them, with
