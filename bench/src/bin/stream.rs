@@ -64,7 +64,7 @@ fn main() {
     // engine back to back in each: the publisher and Redis share the two
     // cores, and single runs vary by a fifth.
     let mut streams = Vec::new();
-    let mut state = (0i64, 0i64);
+    let mut state = (0i64, 0i64, 0i64);
     let mut lookup_bytes = String::new();
     for (spec, lookups) in [(&spec, false), (&spec_lookups, true)] {
         let (mut bare, mut eng, mut rss) = (vec![], vec![], 0);
@@ -90,7 +90,7 @@ fn main() {
             if lookups {
                 lookup_bytes = loaded_lookups(&log);
             } else {
-                state = window_state(&mut conn);
+                state = window_state(&mut conn, &engine, spec, &work);
             }
         }
         let what = if lookups { "Streams with lookups" } else { "Streams" };
@@ -172,10 +172,10 @@ fn main() {
         rss(rss_lookups),
         rss(rss_lookups) - rss(rss_streams)
     );
-    let (keys, bytes) = state;
+    let (keys, bytes, restore_ms) = state;
     if keys > 0 {
         println!(
-            "window state in Redis            {keys} window keys, {:.1} MiB: {:.0} bytes a key, {:.1} MiB per 100,000 keys",
+            "window state in Redis            {keys} window keys, {:.1} MiB: {:.0} bytes a key, {:.1} MiB per 100,000 keys; restored in {restore_ms} ms",
             bytes as f64 / (1 << 20) as f64,
             bytes as f64 / keys as f64,
             bytes as f64 / keys as f64 * 100_000.0 / (1 << 20) as f64
@@ -190,12 +190,23 @@ fn main() {
 /// Where the engine keeps the Streams run's window state.
 const STATE: &str = "{bench.tx}:windows:fraud";
 
-/// Window keys held in Redis after a run, and the bytes they take.
-fn window_state(conn: &mut redis::Connection) -> (i64, i64) {
-    let keys: i64 = redis::cmd("HLEN").arg(STATE).query(conn).unwrap_or(0);
+/// The window keys saved after a run, as an engine started on the same
+/// stream restores them; the bytes they take in Redis; and how long the
+/// restore took (ms).
+fn window_state(conn: &mut redis::Connection, engine: &Path, spec: &Path, work: &Path) -> (i64, i64, i64) {
     let bytes: Option<i64> =
         redis::cmd("MEMORY").arg("USAGE").arg(STATE).arg("SAMPLES").arg(0).query(conn).unwrap_or(None);
-    (keys, bytes.unwrap_or(0))
+    let log = work.join("restore.log");
+    finish(spawn_engine_filtered(engine, spec, &["--for", "1s"], &log, "warn,engine::stream=info"));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    // "window state of N keys restored in M ms"
+    let line = text
+        .lines()
+        .find_map(|l| l.split_once("window state of ").map(|(_, rest)| rest.to_string()))
+        .unwrap_or_else(|| fail(&format!("the engine restored no window state: {text}")));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let number = |i: usize| words.get(i).and_then(|w| w.parse::<i64>().ok()).unwrap_or(0);
+    (number(0), bytes.unwrap_or(0), number(4))
 }
 
 fn redis_url() -> String {
@@ -381,14 +392,19 @@ fn spawn_engine(engine: &Path, spec: &Path, args: &[&str]) -> Child {
 
 /// The engine; with `log`, its log goes there, lookups loaded at info.
 fn spawn_engine_logged(engine: &Path, spec: &Path, args: &[&str], log: Option<&Path>) -> Child {
-    let (filter, stderr) = match log {
-        Some(path) => {
-            let file =
-                std::fs::File::create(path).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
-            ("warn,engine::stream::lookup=info", Stdio::from(file))
-        }
-        None => ("warn", Stdio::inherit()),
-    };
+    match log {
+        Some(path) => spawn_engine_filtered(engine, spec, args, path, "warn,engine::stream::lookup=info"),
+        None => spawn(engine, spec, args, "warn", Stdio::inherit()),
+    }
+}
+
+/// The engine, its log (at `filter`) to `log`.
+fn spawn_engine_filtered(engine: &Path, spec: &Path, args: &[&str], log: &Path, filter: &str) -> Child {
+    let file = std::fs::File::create(log).unwrap_or_else(|e| fail(&format!("{}: {e}", log.display())));
+    spawn(engine, spec, args, filter, Stdio::from(file))
+}
+
+fn spawn(engine: &Path, spec: &Path, args: &[&str], filter: &str, stderr: Stdio) -> Child {
     Command::new(engine)
         .arg("stream")
         .arg(spec)

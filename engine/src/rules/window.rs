@@ -123,7 +123,7 @@ const INLINE: usize = 2;
 /// and counts of any further aggregates, then a ring of events of
 /// `1 + stride` slots each: the time, then the aggregate inputs. `buf` is
 /// read only when an event leaves the window, and written when one enters.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct KeyWindow {
     buf: Box<[u64]>,
     /// The oldest event's place in the ring, how many events it holds, and
@@ -258,38 +258,26 @@ impl KeyWindow {
         self.cap = cap;
     }
 
-    /// The events, oldest first, as stored: per event its time, then its
-    /// `stride` aggregate inputs (f64 bits, or `ABSENT`), all little-endian.
-    fn encode(&self, stride: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + self.len as usize * (1 + stride) * 8);
-        out.extend_from_slice(&(stride as u32).to_le_bytes());
+    /// Appends the events as stored: their count, then oldest first each
+    /// event's time and its `stride` aggregate inputs (see [`write_event`]).
+    fn encode_into(&self, out: &mut Vec<u8>, stride: usize) {
+        out.reserve(4 + self.len as usize * (1 + stride) * 8);
+        out.extend_from_slice(&self.len.to_le_bytes());
         for i in 0..self.len as usize {
             let at = self.slot(i, stride);
             for v in &self.buf[at..at + 1 + stride] {
                 out.extend_from_slice(&v.to_le_bytes());
             }
         }
-        out
     }
 
-    /// A window from [`KeyWindow::encode`]'s bytes; `None` when they are not
-    /// of this stride (a window whose aggregates changed).
-    fn decode(bytes: &[u8], stride: usize, size: i64) -> Option<KeyWindow> {
-        let (head, rest) = bytes.split_at_checked(4)?;
-        if u32::from_le_bytes(head.try_into().ok()?) as usize != stride
-            || rest.len() % ((1 + stride) * 8) != 0
-        {
-            return None;
-        }
-        let mut w = KeyWindow::default();
+    /// Adds stored events (times and inputs, `stride` inputs each).
+    fn push_stored(&mut self, events: &[u8], stride: usize, size: i64) {
         let mut values = Vec::with_capacity(stride);
-        for event in rest.chunks_exact((1 + stride) * 8) {
-            let word = |j: usize| u64::from_le_bytes(event[j * 8..j * 8 + 8].try_into().unwrap_or_default());
-            values.clear();
-            values.extend((1..=stride).map(|j| Some(word(j)).filter(|b| *b != ABSENT).map(f64::from_bits)));
-            w.push(word(0) as i64, &values, size);
+        for event in events.chunks_exact((1 + stride) * 8) {
+            let t = read_event(event, &mut values);
+            self.push(t, &values, size);
         }
-        Some(w)
     }
 
     /// The latest event time in the window, or later; `None` when empty.
@@ -329,6 +317,7 @@ pub enum Key<'a> {
 type Map<K> = HashMap<K, KeyWindow>;
 
 /// The windows of one rule, per key.
+#[derive(Clone)]
 pub struct Windows {
     size_us: i64,
     ints: Map<i64>,
@@ -339,41 +328,141 @@ pub struct Windows {
     /// other's windows.
     newest: Vec<i64>,
     swept_at: Vec<i64>,
-    /// Durable windows: the keys changed (or forgotten) since the last
-    /// [`Windows::changes`], each with its partition.
-    changed: Option<Changed>,
+    /// Durable windows: what is stored, and what is to be.
+    durable: Option<Durable>,
 }
 
-struct Changed {
-    /// What the stored fields start with (naming the window).
+/// How durable windows are stored, per partition: a snapshot of the
+/// partition's windows, then a log of the events added since, one stored
+/// field per batch. A batch thus stores the events it added, however many
+/// events a busy key's window holds. The snapshot is taken again once the
+/// logs since it are as large as it (and at least [`SNAPSHOT_MIN`]), so
+/// the stored state stays within about twice the windows' size plus that
+/// minimum, and a restart replays no more.
+///
+/// Stored fields, after the window's 8-byte prefix:
+/// - `s`: the snapshot: its generation (8 bytes), the stride (4), then per
+///   key the key (see [`write_key`]) and its events (see
+///   [`KeyWindow::encode_into`]);
+/// - `l`, generation and number (8 bytes each, big-endian): a log: the
+///   stride, then per event its key and the event (see [`write_event`]),
+///   in the order they were added;
+/// - `i` or `r` and a key: a key's window as stored before logs were
+///   (stride, then its events); read, then removed by the first snapshot.
+#[derive(Clone)]
+struct Durable {
     prefix: [u8; 8],
-    ints: HashMap<i64, u32>,
-    rows: HashMap<Box<[u8]>, u32>,
-    /// Changes encoded by [`Windows::encode_changes`], not taken yet, and
-    /// in how many passes (after the first, a key may come twice).
+    /// Per partition (by its number).
+    parts: Vec<Part>,
+    snapshot_min: usize,
+    /// Changes encoded by [`Windows::encode_changes`], not taken yet.
     encoded: Vec<Stored>,
-    passes: usize,
 }
 
-/// A key's window as stored, or its removal (`value: None`).
+/// One partition's stored windows.
+#[derive(Default, Clone)]
+struct Part {
+    /// The stored snapshot's generation: its logs carry it. `None` until
+    /// this process stored or read one; the partition's first change is
+    /// then a snapshot.
+    generation: Option<u64>,
+    /// The next log's number in this generation.
+    next: u64,
+    /// Bytes of the logs stored since the snapshot, and of the snapshot.
+    logged: usize,
+    snapshot: usize,
+    /// The events added since the last changes were encoded, as logged.
+    events: Vec<u8>,
+    /// Stored fields the next snapshot removes: logs of another generation,
+    /// windows stored one per key.
+    stale: Vec<Vec<u8>>,
+}
+
+/// The least a partition logs before its snapshot is taken again.
+const SNAPSHOT_MIN: usize = 1 << 20;
+
+/// A stored field and its value, or its removal (`value: None`).
+#[derive(Clone)]
 pub struct Stored {
     pub partition: u32,
-    /// The window's prefix, then the key: `i` and 8 bytes (an integer
-    /// key), or `r` and Arrow's row format.
+    /// The window's prefix, then what it holds (see [`Durable`]).
     pub field: Vec<u8>,
     pub value: Option<Vec<u8>>,
 }
 
-fn stored_field(prefix: &[u8; 8], key: Key<'_>) -> Vec<u8> {
-    let (tag, bytes) = match &key {
-        Key::Int(k) => (b'i', &k.to_le_bytes()[..]),
-        Key::Row(r) => (b'r', *r),
-    };
-    let mut field = Vec::with_capacity(9 + bytes.len());
-    field.extend_from_slice(prefix);
-    field.push(tag);
-    field.extend_from_slice(bytes);
-    field
+fn write_key(out: &mut Vec<u8>, key: Key<'_>) {
+    match key {
+        Key::Int(k) => {
+            out.push(b'i');
+            out.extend_from_slice(&k.to_le_bytes());
+        }
+        Key::Row(r) => {
+            out.push(b'r');
+            out.extend_from_slice(&(r.len() as u32).to_le_bytes());
+            out.extend_from_slice(r);
+        }
+    }
+}
+
+/// An event as stored: its time, then its aggregate inputs (f64 bits, or
+/// `ABSENT`), all little-endian.
+fn write_event(out: &mut Vec<u8>, t: i64, values: &[Option<f64>]) {
+    out.extend_from_slice(&t.to_le_bytes());
+    for v in values {
+        out.extend_from_slice(&v.map_or(ABSENT, f64::to_bits).to_le_bytes());
+    }
+}
+
+/// An event stored by [`write_event`]: its time, and its inputs into `values`.
+fn read_event(event: &[u8], values: &mut Vec<Option<f64>>) -> i64 {
+    let word = |j: usize| u64::from_le_bytes(event[j * 8..j * 8 + 8].try_into().unwrap_or_default());
+    values.clear();
+    values.extend((1..event.len() / 8).map(|j| Some(word(j)).filter(|b| *b != ABSENT).map(f64::from_bits)));
+    word(0) as i64
+}
+
+/// Reads stored bytes front to back; `None` once they run short.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn key(&mut self) -> Option<Key<'a>> {
+        match self.take(1)? {
+            b"i" => Some(Key::Int(self.u64()? as i64)),
+            b"r" => {
+                let n = self.u32()? as usize;
+                Some(Key::Row(self.take(n)?))
+            }
+            _ => None,
+        }
+    }
+
+    /// The stride that starts a snapshot or a log, when it is `stride`.
+    fn stride(&mut self, stride: usize) -> Option<()> {
+        (self.u32()? as usize == stride).then_some(())
+    }
+}
+
+/// A partition's stored fields, gathered for [`Windows::restore`].
+#[derive(Default)]
+struct Saved<'a> {
+    snapshot: Option<(u64, &'a [u8])>,
+    logs: Vec<(u64, u64, &'a [u8])>,
+    /// Windows stored one per key: the key (tag and bytes) and its window.
+    keys: Vec<(&'a [u8], &'a [u8])>,
 }
 
 impl Windows {
@@ -384,19 +473,18 @@ impl Windows {
             rows: HashMap::default(),
             newest: Vec::new(),
             swept_at: Vec::new(),
-            changed: None,
+            durable: None,
         }
     }
 
-    /// Keeps track of changed keys, for [`Windows::changes`]; their stored
-    /// fields start with `prefix`.
+    /// Logs the events added from now on, for [`Windows::changes`]; the
+    /// stored fields start with `prefix`.
     pub fn make_durable(&mut self, prefix: [u8; 8]) {
-        self.changed.get_or_insert_with(|| Changed {
+        self.durable.get_or_insert_with(|| Durable {
             prefix,
-            ints: HashMap::new(),
-            rows: HashMap::new(),
+            parts: Vec::new(),
+            snapshot_min: SNAPSHOT_MIN,
             encoded: Vec::new(),
-            passes: 0,
         });
     }
 
@@ -412,17 +500,58 @@ impl Windows {
         funcs: &[Func],
         out: &mut Vec<Option<f64>>,
     ) {
-        if let Some(c) = &mut self.changed {
-            match key {
-                Key::Int(k) => {
-                    c.ints.insert(k, partition);
-                }
-                Key::Row(k) if !c.rows.contains_key(k) => {
-                    c.rows.insert(k.into(), partition);
-                }
-                Key::Row(_) => {}
+        if let Some(d) = &mut self.durable {
+            let p = partition as usize;
+            if d.parts.len() <= p {
+                d.parts.resize_with(p + 1, Part::default);
             }
+            let events = &mut d.parts[p].events;
+            write_key(events, key);
+            write_event(events, t, values);
         }
+        self.push(key, partition, t, values, |w| {
+            out.clear();
+            out.extend(funcs.iter().enumerate().map(|(j, f)| w.value(j, values.len(), *f)));
+        });
+    }
+
+    /// Adds one event to its key's window, then hands `then` the window.
+    fn push<R>(
+        &mut self,
+        key: Key<'_>,
+        partition: u32,
+        t: i64,
+        values: &[Option<f64>],
+        then: impl FnOnce(&KeyWindow) -> R,
+    ) -> R {
+        self.saw(partition, t);
+        let size = self.size_us;
+        self.with_window(key, |w| {
+            w.partition = partition;
+            w.push(t, values, size);
+            then(w)
+        })
+    }
+
+    /// Adds a key's stored events (as [`KeyWindow::encode_into`] lays them
+    /// out, without the count) to its window.
+    fn push_stored(&mut self, key: Key<'_>, partition: u32, events: &[u8], stride: usize) {
+        let size = self.size_us;
+        let latest = self.with_window(key, |w| {
+            w.partition = partition;
+            w.push_stored(events, stride, size);
+            w.latest()
+        });
+        if let Some(latest) = latest {
+            self.saw(partition, latest);
+        }
+    }
+
+    /// Runs `f` on `key`'s window, made when there is none. (A closure, not
+    /// a returned reference: the borrow checker takes the lookup then
+    /// insert only within one body.) A row key is copied only for a new
+    /// window.
+    fn with_window<R>(&mut self, key: Key<'_>, f: impl FnOnce(&mut KeyWindow) -> R) -> R {
         let w = match key {
             Key::Int(k) => self.ints.entry(k).or_default(),
             Key::Row(k) => match self.rows.get_mut(k) {
@@ -430,11 +559,7 @@ impl Windows {
                 None => self.rows.entry(k.into()).or_default(),
             },
         };
-        w.partition = partition;
-        w.push(t, values, self.size_us);
-        out.clear();
-        out.extend(funcs.iter().enumerate().map(|(j, f)| w.value(j, values.len(), *f)));
-        self.saw(partition, t);
+        f(w)
     }
 
     fn saw(&mut self, partition: u32, t: i64) {
@@ -447,7 +572,9 @@ impl Windows {
     }
 
     /// Forgets keys whose every event is older than the window, so state
-    /// follows the active keys rather than every key ever seen.
+    /// follows the active keys rather than every key ever seen. (A durable
+    /// window stores nothing for this: its next snapshot leaves them out,
+    /// and a restart's replay forgets them again.)
     pub fn sweep(&mut self) {
         let size = self.size_us;
         if !self.newest.iter().zip(&self.swept_at).any(|(n, s)| n.saturating_sub(*s) >= size) {
@@ -456,73 +583,201 @@ impl Windows {
         let newest = &self.newest;
         let horizon = |p: u32| newest.get(p as usize).map_or(i64::MIN, |n| n.saturating_sub(size));
         let stale = |w: &KeyWindow| w.latest().is_none_or(|t| t < horizon(w.partition));
-        if let Some(c) = &mut self.changed {
-            for (k, w) in self.ints.iter().filter(|(_, w)| stale(w)) {
-                c.ints.insert(*k, w.partition);
-            }
-            for (k, w) in self.rows.iter().filter(|(_, w)| stale(w)) {
-                c.rows.insert(k.clone(), w.partition);
-            }
-        }
         self.ints.retain(|_, w| !stale(w));
         self.rows.retain(|_, w| !stale(w));
         self.swept_at.clone_from(&self.newest);
     }
 
-    /// Encodes the keys changed so far, for the next [`Windows::changes`]:
-    /// a rule evaluated on a thread of its own encodes there, after its
-    /// batch (`stride`: the rule's aggregate count).
+    /// Encodes the changes so far for the next [`Windows::changes`]: each
+    /// partition's events since, as a log, or a new snapshot of its windows
+    /// when one is due. A rule evaluated on a thread of its own encodes
+    /// there, after its batch (`stride`: the rule's aggregate count).
     pub fn encode_changes(&mut self, stride: usize) {
-        let Self { changed: Some(c), ints, rows, .. } = self else { return };
-        if c.ints.is_empty() && c.rows.is_empty() {
-            return;
+        let Self { durable: Some(d), ints, rows, .. } = self else { return };
+        let min = d.snapshot_min;
+        let due: Vec<bool> = d
+            .parts
+            .iter()
+            .map(|p| {
+                !p.events.is_empty()
+                    && (p.generation.is_none() || p.logged + p.events.len() >= min.max(p.snapshot))
+            })
+            .collect();
+        if due.contains(&true) {
+            // One pass over the keys for every partition due.
+            let mut snapshots: Vec<Option<Vec<u8>>> = due.iter().map(|due| due.then(Vec::new)).collect();
+            let keys = ints.iter().map(|(k, w)| (Key::Int(*k), w));
+            for (key, w) in keys.chain(rows.iter().map(|(k, w)| (Key::Row(k), w))) {
+                if let Some(Some(out)) = snapshots.get_mut(w.partition as usize) {
+                    write_key(out, key);
+                    w.encode_into(out, stride);
+                }
+            }
+            for (p, snapshot) in snapshots.into_iter().enumerate() {
+                if let Some(snapshot) = snapshot {
+                    d.snapshot(p as u32, stride, &snapshot);
+                }
+            }
         }
-        c.passes += 1;
-        c.encoded.reserve(c.ints.len() + c.rows.len());
-        for (k, partition) in c.ints.drain() {
-            let value = ints.get(&k).map(|w| w.encode(stride));
-            c.encoded.push(Stored { partition, field: stored_field(&c.prefix, Key::Int(k)), value });
-        }
-        for (k, partition) in c.rows.drain() {
-            let value = rows.get(&k).map(|w| w.encode(stride));
-            c.encoded.push(Stored { partition, field: stored_field(&c.prefix, Key::Row(&k)), value });
+        for (p, part) in d.parts.iter_mut().enumerate() {
+            let Some(generation) = part.generation.filter(|_| !part.events.is_empty()) else { continue };
+            let mut value = Vec::with_capacity(4 + part.events.len());
+            value.extend_from_slice(&(stride as u32).to_le_bytes());
+            value.append(&mut part.events);
+            part.logged += value.len();
+            let field = log_field(&d.prefix, generation, part.next);
+            part.next += 1;
+            d.encoded.push(Stored { partition: p as u32, field, value: Some(value) });
         }
     }
 
-    /// The keys changed since the last call, as stored; a key no longer
-    /// held is a removal.
+    /// The changes since the last call, as stored: fields to set, and
+    /// fields to remove (`value: None`).
     pub fn changes(&mut self, stride: usize) -> Vec<Stored> {
         self.encode_changes(stride);
-        let Some(c) = &mut self.changed else { return Vec::new() };
-        let mut out = std::mem::take(&mut c.encoded);
-        if std::mem::take(&mut c.passes) > 1 {
-            // A key encoded in several passes: the last one stands.
-            let mut seen = std::collections::HashSet::new();
-            out.reverse();
-            out.retain(|s| seen.insert(s.field.clone()));
-        }
-        out
+        self.durable.as_mut().map(|d| std::mem::take(&mut d.encoded)).unwrap_or_default()
     }
 
-    /// Puts back a key's window saved by [`Windows::changes`]; false when
-    /// the bytes are not a window of this rule.
-    pub fn restore(&mut self, partition: u32, key: &[u8], value: &[u8], stride: usize) -> bool {
-        let Some(mut w) = KeyWindow::decode(value, stride, self.size_us) else { return false };
-        w.partition = partition;
-        let Some(latest) = w.latest() else { return true };
-        self.saw(partition, latest);
-        match key.split_first() {
-            Some((b'i', k)) => match <[u8; 8]>::try_from(k) {
-                Ok(k) => self.ints.insert(i64::from_le_bytes(k), w).is_none(),
-                Err(_) => false,
-            },
-            Some((b'r', k)) => self.rows.insert(k.into(), w).is_none(),
-            _ => false,
+    /// Puts back the windows stored by [`Windows::changes`]: per stored
+    /// field its partition, the field after the prefix, and its value.
+    /// Fields not of this window (another stride) are left out. Returns
+    /// the keys restored. Call it on a durable window, before any event.
+    pub fn restore<'a>(
+        &mut self,
+        stored: impl IntoIterator<Item = (u32, &'a [u8], &'a [u8])>,
+        stride: usize,
+    ) -> usize {
+        let Some(prefix) = self.durable.as_ref().map(|d| d.prefix) else { return 0 };
+        let mut saved: Vec<Saved<'a>> = Vec::new();
+        for (p, field, value) in stored {
+            if saved.len() <= p as usize {
+                saved.resize_with(p as usize + 1, Saved::default);
+            }
+            let s = &mut saved[p as usize];
+            let mut r = Reader(value);
+            match field.split_first() {
+                Some((b's', [])) => {
+                    if let Some(generation) = r.u64() {
+                        s.snapshot = Some((generation, r.0));
+                    }
+                }
+                Some((b'l', name)) if name.len() == 16 => {
+                    let (g, n) = name.split_at(8);
+                    let word = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or_default());
+                    s.logs.push((word(g), word(n), value));
+                }
+                Some((b'i' | b'r', _)) => s.keys.push((field, value)),
+                _ => {}
+            }
+        }
+        for (p, s) in saved.into_iter().enumerate() {
+            self.restore_partition(p as u32, s, stride, &prefix);
+        }
+        self.keys()
+    }
+
+    fn restore_partition(&mut self, p: u32, mut s: Saved<'_>, stride: usize, prefix: &[u8; 8]) {
+        let mut part = Part::default();
+        let generation = s.snapshot.map(|(g, _)| g);
+        if let Some((_, bytes)) = s.snapshot {
+            let mut r = Reader(bytes);
+            if r.stride(stride).is_some() {
+                part.snapshot = 8 + bytes.len();
+                while let Some(key) = r.key() {
+                    let Some(n) = r.u32() else { break };
+                    let Some(events) = r.take(n as usize * (1 + stride) * 8) else { break };
+                    self.push_stored(key, p, events, stride);
+                }
+                part.generation = generation;
+            }
+        }
+        s.logs.sort_unstable_by_key(|(g, n, _)| (*g, *n));
+        let mut values = Vec::with_capacity(stride);
+        for (g, n, bytes) in s.logs {
+            let mut r = Reader(bytes);
+            if part.generation != Some(g) || r.stride(stride).is_none() {
+                part.stale.push(log_field(prefix, g, n));
+                continue;
+            }
+            part.logged += bytes.len();
+            part.next = n + 1;
+            while let Some(key) = r.key() {
+                let Some(event) = r.take((1 + stride) * 8) else { break };
+                let t = read_event(event, &mut values);
+                self.push(key, p, t, &values, |_| ());
+            }
+        }
+        for (field, value) in s.keys {
+            part.stale.push([prefix.as_slice(), field].concat());
+            let mut r = Reader(value);
+            if part.generation.is_some() || r.stride(stride).is_none() {
+                continue;
+            }
+            let Some(key) = old_key(field) else { continue };
+            self.push_stored(key, p, r.0, stride);
+        }
+        if let Some(d) = &mut self.durable {
+            if d.parts.len() <= p as usize {
+                d.parts.resize_with(p as usize + 1, Part::default);
+            }
+            d.parts[p as usize] = part;
         }
     }
 
     pub fn keys(&self) -> usize {
         self.ints.len() + self.rows.len()
+    }
+}
+
+impl Durable {
+    /// Stores `windows` (the partition's keys, as a snapshot holds them) as
+    /// partition `p`'s new snapshot, in place of the one before and its logs.
+    fn snapshot(&mut self, p: u32, stride: usize, windows: &[u8]) {
+        let prefix = self.prefix;
+        let part = &mut self.parts[p as usize];
+        // Changes of this partition encoded and not taken yet are in the
+        // snapshot (removals excepted: they remove what is stored).
+        self.encoded.retain(|s| s.partition != p || s.value.is_none());
+        let mut removed: Vec<Vec<u8>> = std::mem::take(&mut part.stale);
+        if let Some(g) = part.generation {
+            removed.extend((0..part.next).map(|n| log_field(&prefix, g, n)));
+        }
+        self.encoded.extend(removed.into_iter().map(|field| Stored { partition: p, field, value: None }));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        let generation = part.generation.map_or(now, |g| now.max(g + 1));
+        let mut value = Vec::with_capacity(12 + windows.len());
+        value.extend_from_slice(&generation.to_le_bytes());
+        value.extend_from_slice(&(stride as u32).to_le_bytes());
+        value.extend_from_slice(windows);
+        *part = Part { generation: Some(generation), snapshot: value.len(), ..Part::default() };
+        self.encoded.push(Stored {
+            partition: p,
+            field: [prefix.as_slice(), b"s"].concat(),
+            value: Some(value),
+        });
+    }
+}
+
+/// The stored field of a window's log (by the window's prefix).
+fn log_field(prefix: &[u8; 8], generation: u64, n: u64) -> Vec<u8> {
+    let mut field = Vec::with_capacity(25);
+    field.extend_from_slice(prefix);
+    field.push(b'l');
+    field.extend_from_slice(&generation.to_be_bytes());
+    field.extend_from_slice(&n.to_be_bytes());
+    field
+}
+
+/// The key of a window stored one per key: `i` and 8 bytes, or `r` and
+/// Arrow's row format.
+fn old_key(field: &[u8]) -> Option<Key<'_>> {
+    match field.split_first()? {
+        (b'i', k) => Some(Key::Int(i64::from_le_bytes(k.try_into().ok()?))),
+        (b'r', k) => Some(Key::Row(k)),
+        _ => None,
     }
 }
 
@@ -619,7 +874,6 @@ mod tests {
     #[test]
     fn a_partition_ahead_does_not_age_another_partitions_keys() {
         let mut w = Windows::new(std::time::Duration::from_secs(3));
-        w.make_durable(*b"windows_");
         let f = [Func::CountAll];
         let s = 1_000_000;
         let mut out = Vec::new();
@@ -631,10 +885,6 @@ mod tests {
         }
         w.add(Key::Int(1), 1, 12 * s, &[None], &f, &mut out);
         assert_eq!(out, vec![Some(3.0)], "partition 1 is at 12 s: its events at 10 and 11 s count");
-        assert!(
-            w.changes(f.len()).iter().all(|c| c.value.is_some()),
-            "nothing stored is removed while its partition's window still holds it"
-        );
         w.add(Key::Int(1), 1, 20 * s, &[None], &f, &mut out);
         w.sweep();
         assert_eq!(w.keys(), 2, "keys 1 (at 20 s) and 2 (at 99 s)");
@@ -643,70 +893,188 @@ mod tests {
         assert_eq!(w.keys(), 2, "partition 1 at 30 s: key 1 fell out of its window");
     }
 
-    /// Changes encoded in several passes before they are taken: each key
-    /// comes once, as it was last.
+    /// A busy key (a merchant, a card under attack) holds many events in its
+    /// window: each batch stores the events it added, not the whole window
+    /// again.
     #[test]
-    fn a_key_encoded_twice_is_stored_as_last_encoded() {
-        let f = [Func::CountAll];
-        let s = 1_000_000;
-        let mut w = Windows::new(std::time::Duration::from_secs(60));
+    fn a_busy_keys_window_costs_each_batch_its_new_events() {
+        let f = [Func::CountAll, Func::Sum];
+        let mut w = Windows::new(std::time::Duration::from_secs(3600));
         w.make_durable(*b"windows_");
         let mut out = Vec::new();
-        w.add(Key::Int(1), 0, 0, &[None], &f, &mut out);
-        w.add(Key::Int(2), 0, 0, &[None], &f, &mut out);
-        w.encode_changes(f.len());
-        w.add(Key::Int(1), 0, s, &[None], &f, &mut out);
-        let changes = w.changes(f.len());
-        assert_eq!(changes.len(), 2, "keys 1 and 2 once each");
-        let one = changes.iter().find(|c| c.field[9..] == 1i64.to_le_bytes()).unwrap();
-        let mut back = Windows::new(std::time::Duration::from_secs(60));
-        back.restore(0, &one.field[8..], one.value.as_deref().unwrap(), f.len());
-        back.add(Key::Int(1), 0, 2 * s, &[None], &f, &mut out);
-        assert_eq!(out, vec![Some(3.0)], "the second encoding, with both events, stands");
+        let (batches, per_batch) = (20, 500);
+        let mut stored = 0;
+        for b in 0..batches {
+            for i in 0..per_batch {
+                let t = (b * per_batch + i) as i64 * 1000;
+                w.add(Key::Int(42), 0, t, &[None, Some(1.0)], &f, &mut out);
+            }
+            w.sweep();
+            stored += w
+                .changes(f.len())
+                .iter()
+                .map(|c| c.field.len() + c.value.as_ref().map_or(0, Vec::len))
+                .sum::<usize>();
+        }
+        assert_eq!(out, vec![Some(10_000.0), Some(10_000.0)]);
+        // An event's time and inputs, and its key.
+        let event = 8 * (1 + f.len()) + 9;
+        let events = batches * per_batch;
+        assert!(stored <= 3 * events * event, "{stored} bytes stored for {events} events of {event} bytes");
     }
 
-    /// Durable windows: the changed keys come back as stored, and a window
-    /// restored from them goes on as the original does; forgotten keys
-    /// come back as removals.
+    /// Stored fields as Redis keeps them: changes applied batch by batch.
+    #[derive(Default)]
+    struct Hash(std::collections::BTreeMap<(u32, Vec<u8>), Vec<u8>>);
+
+    impl Hash {
+        fn apply(&mut self, changes: Vec<Stored>) {
+            for c in changes {
+                assert_eq!(&c.field[..8], b"windows_");
+                match c.value {
+                    Some(v) => self.0.insert((c.partition, c.field), v),
+                    None => self.0.remove(&(c.partition, c.field)),
+                };
+            }
+        }
+
+        /// A durable window restored from the fields; its keys.
+        fn restore(&self, size: std::time::Duration, stride: usize) -> (Windows, usize) {
+            let mut w = Windows::new(size);
+            w.make_durable(*b"windows_");
+            let keys = w.restore(self.0.iter().map(|((p, f), v)| (*p, &f[8..], v.as_slice())), stride);
+            (w, keys)
+        }
+
+        fn bytes(&self) -> usize {
+            self.0.iter().map(|((_, f), v)| f.len() + v.len()).sum()
+        }
+    }
+
+    /// Durable windows, stored batch by batch as logs and snapshots (a
+    /// small snapshot threshold takes many), restore at any batch to
+    /// windows that go on exactly as the original: over two partitions,
+    /// integer and row keys, NULL inputs, keys forgotten by sweeps.
     #[test]
     fn stored_windows_restore_to_the_same_state() {
         let f = [Func::CountAll, Func::Sum, Func::Min, Func::Max];
+        let size = std::time::Duration::from_secs(20);
         let s = 1_000_000;
-        let mut w = Windows::new(std::time::Duration::from_secs(60));
+        let mut w = Windows::new(size);
+        w.make_durable(*b"windows_");
+        w.durable.as_mut().unwrap().snapshot_min = 2000;
+        let mut hash = Hash::default();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut t = [0i64; 2];
+        let (mut snapshots, mut largest) = (0, 0);
+        let event = |next: &mut dyn FnMut() -> u64, t: &mut [i64; 2]| {
+            // A key belongs to one partition, as `partition_by` makes it:
+            // keys 0, 1, 4, 5, 8, 9 to partition 0, the others to 1.
+            let k = next() % 12;
+            let p = ((k / 2) % 2) as usize;
+            t[p] += (next() % 700_000) as i64 + if next() % 50 == 0 { 30 * s } else { 0 };
+            let v = (next() % 5 != 0).then(|| (next() % 100) as f64);
+            (p as u32, k, t[p], [None, v, v, v.map(|v| -v)])
+        };
+        for batch in 0..60 {
+            for _ in 0..(next() % 40) {
+                let (p, k, t, v) = event(&mut next, &mut t);
+                let mut out = Vec::new();
+                let row = k.to_string();
+                let key = if k % 2 == 0 { Key::Int(k as i64) } else { Key::Row(row.as_bytes()) };
+                w.add(key, p, t, &v, &f, &mut out);
+            }
+            w.sweep();
+            let changes = w.changes(f.len());
+            snapshots += changes.iter().filter(|c| c.field[8] == b's').count();
+            hash.apply(changes);
+            largest = largest.max(hash.bytes());
+            // Restored now, the windows answer as the original's for the
+            // next events.
+            let (mut back, _) = hash.restore(size, f.len());
+            let (mut probe, mut t2, mut x2) = (w.clone(), t, next());
+            let mut next2 = move || {
+                x2 ^= x2 << 13;
+                x2 ^= x2 >> 7;
+                x2 ^= x2 << 17;
+                x2
+            };
+            for _ in 0..30 {
+                let (p, k, at, v) = event(&mut next2, &mut t2);
+                let row = k.to_string();
+                let key = if k % 2 == 0 { Key::Int(k as i64) } else { Key::Row(row.as_bytes()) };
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                probe.add(key, p, at, &v, &f, &mut a);
+                back.add(key, p, at, &v, &f, &mut b);
+                assert_eq!(a, b, "batch {batch}: key {k} of partition {p} at {at}");
+            }
+        }
+        assert!(snapshots > 4, "snapshots taken again: {snapshots}");
+        let fields = hash.0.len();
+        assert!(fields < 40, "old logs are removed with each snapshot: {fields} fields");
+        assert!(largest < 40_000, "stored state bounded: {largest} bytes");
+    }
+
+    /// Logs of another generation (left by an engine whose snapshot did not
+    /// store) are not replayed, and the next snapshot removes them; a
+    /// window stored one field per key is read, then replaced.
+    #[test]
+    fn stale_logs_and_windows_stored_per_key_are_replaced_by_the_next_snapshot() {
+        let f = [Func::CountAll];
+        let size = std::time::Duration::from_secs(60);
+        let s = 1_000_000;
+        let mut hash = Hash::default();
+        let mut w = Windows::new(size);
         w.make_durable(*b"windows_");
         let mut out = Vec::new();
-        for (i, t) in [0, 10, 20, 30].iter().enumerate() {
-            let v = [None, Some(i as f64), (i != 2).then_some(i as f64), Some(-(i as f64))];
-            w.add(Key::Int(7), 3, t * s, &v, &f, &mut out);
-            w.add(Key::Row(b"ab"), 1, t * s, &v, &f, &mut out);
+        w.add(Key::Int(1), 0, 0, &[None], &f, &mut out);
+        hash.apply(w.changes(1));
+        w.add(Key::Int(1), 0, s, &[None], &f, &mut out);
+        hash.apply(w.changes(1));
+        // A log of another generation, and key 2's window stored alone
+        // (stride 1, events at 2 s and 3 s).
+        let stale = log_field(b"windows_", 7, 0);
+        let mut events = Vec::new();
+        write_key(&mut events, Key::Int(1));
+        write_event(&mut events, 5 * s, &[None]);
+        hash.0.insert((0, stale.clone()), [&1u32.to_le_bytes()[..], &events].concat());
+        let old = [&b"windows_i"[..], &2i64.to_le_bytes()].concat();
+        let mut window = 1u32.to_le_bytes().to_vec();
+        for t in [2 * s, 3 * s] {
+            write_event(&mut window, t, &[None]);
         }
-        let changes = w.changes(f.len());
-        assert_eq!(changes.len(), 2);
-        assert!(w.changes(f.len()).is_empty(), "taken once");
-        let mut back = Windows::new(std::time::Duration::from_secs(60));
-        for c in &changes {
-            assert_eq!(&c.field[..8], b"windows_");
-            assert!(back.restore(c.partition, &c.field[8..], c.value.as_deref().unwrap(), f.len()));
-            assert_eq!(c.partition, if c.field[8] == b'i' { 3 } else { 1 });
+        hash.0.insert((0, old.clone()), window);
+        let (mut back, keys) = hash.restore(size, 1);
+        assert_eq!(keys, 1, "key 1 from the snapshot and its log; key 2 is not read beside a snapshot");
+        back.add(Key::Int(1), 0, 2 * s, &[None], &f, &mut out);
+        assert_eq!(out, vec![Some(3.0)], "events at 0, 1 and 2 s: the stale log's is not replayed");
+        back.durable.as_mut().unwrap().snapshot_min = 0;
+        let changes = back.changes(1);
+        let removed: Vec<&[u8]> =
+            changes.iter().filter(|c| c.value.is_none()).map(|c| &c.field[..]).collect();
+        assert!(removed.contains(&&stale[..]) && removed.contains(&&old[..]), "both removed");
+        hash.apply(changes);
+        assert_eq!(hash.0.len(), 1, "the snapshot alone");
+
+        // Without a snapshot, a window stored per key is read.
+        let mut hash = Hash::default();
+        let mut window = 1u32.to_le_bytes().to_vec();
+        for t in [2 * s, 3 * s] {
+            write_event(&mut window, t, &[None]);
         }
-        assert!(
-            !back.restore(0, b"i\0\0\0\0\0\0\0\x01", &changes[0].value.clone().unwrap(), 2),
-            "another stride"
-        );
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        let v = [None, Some(5.0), Some(5.0), Some(5.0)];
-        w.add(Key::Int(7), 3, 65 * s, &v, &f, &mut a);
-        back.add(Key::Int(7), 3, 65 * s, &v, &f, &mut b);
-        assert_eq!(a, b);
-        assert_eq!(a, vec![Some(4.0), Some(11.0), Some(1.0), Some(5.0)], "events at 10, 20, 30, 65 s");
-        w.changes(f.len());
-        w.add(Key::Int(8), 3, 200 * s, &v, &f, &mut a);
-        w.add(Key::Row(b"cd"), 1, 200 * s, &v, &f, &mut a);
-        w.sweep();
-        let mut removed: Vec<(Vec<u8>, bool)> =
-            w.changes(f.len()).into_iter().map(|c| (c.field, c.value.is_some())).collect();
-        removed.sort();
-        assert_eq!(removed.len(), 4, "keys 7 and ab forgotten, 8 and cd added");
-        assert!(removed.iter().filter(|(_, kept)| !kept).count() == 2);
+        hash.0.insert((0, old.clone()), window);
+        let (mut back, keys) = hash.restore(size, 1);
+        assert_eq!(keys, 1);
+        back.add(Key::Int(2), 0, 4 * s, &[None], &f, &mut out);
+        assert_eq!(out, vec![Some(3.0)]);
+        let changes = back.changes(1);
+        assert!(changes.iter().any(|c| c.field == old && c.value.is_none()), "replaced by the snapshot");
+        assert!(changes.iter().any(|c| c.field[8] == b's'));
     }
 }

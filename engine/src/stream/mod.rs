@@ -145,13 +145,15 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
     if acker.durable() {
         // Windows start where the last acknowledged batch left them: the
         // entries not acknowledged then are delivered again, and count once.
+        let started = std::time::Instant::now();
         let saved = acker
             .load_state()
             .await
             .map_err(|e| Error::External { system: format!("source '{source_id}'"), message: e })?;
         let restored = ex.restore(crate::plan::validate::partitioned(&plan.spec), &saved);
         if restored.keys > 0 {
-            tracing::info!(source = %source_id, "window state of {} keys restored", restored.keys);
+            let ms = started.elapsed().as_millis();
+            tracing::info!(source = %source_id, "window state of {} keys restored in {ms} ms", restored.keys);
         }
         if restored.held > 0 {
             tracing::info!(source = %source_id, "{} events held for event-time order restored", restored.held);

@@ -93,12 +93,14 @@ impl RulesOp {
         for (s, value, (prefix, key)) in fields() {
             if let Some((_, hold)) = holds.iter().find(|(p, _)| p == prefix) {
                 self.state.held.restore_mark(hold, s.partition, key, value);
-                continue;
             }
-            let Some((_, sig, stride)) = sigs.iter().find(|(p, _, _)| p == prefix) else { continue };
-            if let Some(w) = self.state.windows.get_mut(sig) {
-                restored.keys += usize::from(w.restore(s.partition, key, value, *stride));
-            }
+        }
+        for (prefix, sig, stride) in &sigs {
+            let Some(w) = self.state.windows.get_mut(sig) else { continue };
+            let mine = fields()
+                .filter(|(_, _, (p, _))| *p == prefix)
+                .map(|(s, value, (_, key))| (s.partition, key, value));
+            restored.keys += w.restore(mine, *stride);
         }
         // Held rows after every mark: a rule holds again only the rows
         // after its mark.
