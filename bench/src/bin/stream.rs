@@ -514,6 +514,37 @@ fn publish_all(conn: &mut redis::Connection, payloads: &[String]) {
     }
 }
 
+/// Waits until the engine reads the stream, as a Pub/Sub run waits for its
+/// subscription: adds one event (not timed) and waits for the engine to
+/// have read and acknowledged it (its first batch done).
+fn wait_reading(conn: &mut redis::Connection, id: u64) {
+    let entry: String = redis::cmd("XADD")
+        .arg(STREAM)
+        .arg("*")
+        .arg("payload")
+        .arg(event(id))
+        .query(conn)
+        .unwrap_or_else(|e| fail(&format!("XADD: {e}")));
+    let started = Instant::now();
+    loop {
+        let groups: Vec<HashMap<String, redis::Value>> =
+            redis::cmd("XINFO").arg("GROUPS").arg(STREAM).query(conn).unwrap_or_default();
+        let text = |v: Option<&redis::Value>| redis::from_redis_value::<String>(v?.clone()).ok();
+        let done = groups.iter().any(|g| {
+            text(g.get("name")).as_deref() == Some("fraud")
+                && text(g.get("last-delivered-id")).as_deref() == Some(entry.as_str())
+                && text(g.get("pending")).as_deref() == Some("0")
+        });
+        if done {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            fail(&format!("no engine read {STREAM} in group fraud"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn wait_subscribed(conn: &mut redis::Connection, channel: &str) {
     let started = Instant::now();
     loop {
@@ -594,8 +625,7 @@ fn latency(
     if pubsub {
         wait_subscribed(&mut conn, CHANNEL);
     } else {
-        // The engine creates its group on start; give it that moment.
-        std::thread::sleep(Duration::from_secs(1));
+        wait_reading(&mut conn, first_id + 999_999);
     }
     let total = LATENCY_RATE * LATENCY_SECS;
     let mut sent: HashMap<u64, Instant> = HashMap::with_capacity(total as usize);

@@ -295,6 +295,13 @@ pub trait StreamSink: Send {
     /// stream. Rows the system refuses for their data are returned, not
     /// retried: they go to the source's dead letter.
     async fn write(&mut self, batches: &[RecordBatch]) -> Result<Written>;
+
+    /// Gets ready for rows of `schema` (connects, checks the table) before
+    /// the first write, so that the first rows do not wait for it. A
+    /// failure is left for the first write to meet and report.
+    async fn open(&mut self, _schema: &SchemaRef) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What a stream sink did with a batch.

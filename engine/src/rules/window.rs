@@ -338,7 +338,10 @@ pub struct Windows {
 /// events a busy key's window holds. The snapshot is taken again once the
 /// logs since it are as large as it (and at least [`SNAPSHOT_MIN`]), so
 /// the stored state stays within about twice the windows' size plus that
-/// minimum, and a restart replays no more.
+/// minimum, and a restart replays no more. The logs a snapshot replaces are
+/// removed by the batches after it, [`DROP_PER_BATCH`] at a time: a restart
+/// reads only the logs of the snapshot's generation, so they are left
+/// over, not state.
 ///
 /// Stored fields, after the window's 8-byte prefix:
 /// - `s`: the snapshot: its generation (8 bytes), the stride (4), then per
@@ -348,7 +351,7 @@ pub struct Windows {
 ///   stride, then per event its key and the event (see [`write_event`]),
 ///   in the order they were added;
 /// - `i` or `r` and a key: a key's window as stored before logs were
-///   (stride, then its events); read, then removed by the first snapshot.
+///   (stride, then its events); read, then removed after a snapshot.
 #[derive(Clone)]
 struct Durable {
     prefix: [u8; 8],
@@ -373,13 +376,18 @@ struct Part {
     snapshot: usize,
     /// The events added since the last changes were encoded, as logged.
     events: Vec<u8>,
-    /// Stored fields the next snapshot removes: logs of another generation,
+    /// Stored fields the next snapshot replaces: logs of another generation,
     /// windows stored one per key.
     stale: Vec<Vec<u8>>,
+    /// Stored fields a stored snapshot replaced, to be removed.
+    replaced: Vec<Vec<u8>>,
 }
 
 /// The least a partition logs before its snapshot is taken again.
 const SNAPSHOT_MIN: usize = 1 << 20;
+
+/// The most fields a batch removes of those a snapshot replaced.
+const DROP_PER_BATCH: usize = 256;
 
 /// A stored field and its value, or its removal (`value: None`).
 #[derive(Clone)]
@@ -620,6 +628,12 @@ impl Windows {
             }
         }
         for (p, part) in d.parts.iter_mut().enumerate() {
+            let from = part.replaced.len().saturating_sub(DROP_PER_BATCH);
+            d.encoded.extend(part.replaced.drain(from..).map(|field| Stored {
+                partition: p as u32,
+                field,
+                value: None,
+            }));
             let Some(generation) = part.generation.filter(|_| !part.events.is_empty()) else { continue };
             let mut value = Vec::with_capacity(4 + part.events.len());
             value.extend_from_slice(&(stride as u32).to_le_bytes());
@@ -738,11 +752,11 @@ impl Durable {
         // Changes of this partition encoded and not taken yet are in the
         // snapshot (removals excepted: they remove what is stored).
         self.encoded.retain(|s| s.partition != p || s.value.is_none());
-        let mut removed: Vec<Vec<u8>> = std::mem::take(&mut part.stale);
+        let mut replaced = std::mem::take(&mut part.replaced);
+        replaced.append(&mut part.stale);
         if let Some(g) = part.generation {
-            removed.extend((0..part.next).map(|n| log_field(&prefix, g, n)));
+            replaced.extend((0..part.next).map(|n| log_field(&prefix, g, n)));
         }
-        self.encoded.extend(removed.into_iter().map(|field| Stored { partition: p, field, value: None }));
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -752,7 +766,7 @@ impl Durable {
         value.extend_from_slice(&generation.to_le_bytes());
         value.extend_from_slice(&(stride as u32).to_le_bytes());
         value.extend_from_slice(windows);
-        *part = Part { generation: Some(generation), snapshot: value.len(), ..Part::default() };
+        *part = Part { generation: Some(generation), snapshot: value.len(), replaced, ..Part::default() };
         self.encoded.push(Stored {
             partition: p,
             field: [prefix.as_slice(), b"s"].concat(),
@@ -1019,6 +1033,36 @@ mod tests {
         let fields = hash.0.len();
         assert!(fields < 40, "old logs are removed with each snapshot: {fields} fields");
         assert!(largest < 40_000, "stored state bounded: {largest} bytes");
+    }
+
+    /// A snapshot does not remove the logs it replaces all in its own
+    /// batch (a busy stream logs thousands between snapshots, and removing
+    /// them at once held that batch's acknowledgement for tens of
+    /// milliseconds): the batches after remove them a few hundred at a
+    /// time, and none is left once as many batches have passed.
+    #[test]
+    fn a_snapshot_leaves_the_logs_it_replaces_to_the_batches_after() {
+        let f = [Func::CountAll];
+        let s = 1_000_000;
+        let mut w = Windows::new(std::time::Duration::from_secs(4 * 3600));
+        w.make_durable(*b"windows_");
+        w.durable.as_mut().unwrap().snapshot_min = 100_000;
+        let mut hash = Hash::default();
+        let (mut out, mut most, mut snapshots) = (Vec::new(), 0, 0);
+        for i in 0..12_000i64 {
+            w.add(Key::Int(i % 500), 0, i * s, &[None], &f, &mut out);
+            let changes = w.changes(1);
+            most = most.max(changes.iter().filter(|c| c.value.is_none()).count());
+            snapshots += changes.iter().filter(|c| c.field[8] == b's').count();
+            hash.apply(changes);
+        }
+        assert!(snapshots >= 3, "snapshots taken: {snapshots}");
+        assert!(most <= DROP_PER_BATCH, "{most} fields removed in one batch");
+        let logs = hash.0.keys().filter(|(_, f)| f[8] == b'l').count();
+        assert!(logs < 5000, "{logs} logs stored: the replaced ones are removed");
+        let (mut back, _) = hash.restore(std::time::Duration::from_secs(4 * 3600), 1);
+        back.add(Key::Int(7), 0, 12_000 * s, &[None], &f, &mut out);
+        assert_eq!(out.last(), Some(&Some(25.0)), "key 7's 24 events and this one");
     }
 
     /// Logs of another generation (left by an engine whose snapshot did not

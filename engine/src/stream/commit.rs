@@ -216,6 +216,7 @@ async fn lane(
     done: mpsc::Sender<Outcome>,
     stop: watch::Receiver<bool>,
 ) {
+    sink.open().await;
     while let Some((seq, mut input)) = batches.recv().await {
         let mut rest = Vec::new();
         while rest.len() + 1 < COALESCE {

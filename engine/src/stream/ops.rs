@@ -413,7 +413,8 @@ pub(super) async fn build(
             }
             None => {
                 if let Some(s) = pipeline.sinks.get(&id) {
-                    sinks.push(SinkOp::new(&plan.spec, &id, s)?);
+                    let schema = schemas.get(s.input().value()).cloned();
+                    sinks.push(SinkOp::new(&plan.spec, &id, s, schema)?);
                 }
             }
         }

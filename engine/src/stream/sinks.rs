@@ -5,6 +5,7 @@
 //! delivered again. Rows the system refuses for their data are not retried:
 //! they come back with the write, for the source's dead letter.
 
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use tokio::sync::watch;
 
@@ -18,6 +19,8 @@ pub struct SinkOp {
     pub id: String,
     pub input: String,
     sink: Box<dyn StreamSink>,
+    /// The input's schema, where it is known before the first batch.
+    schema: Option<SchemaRef>,
 }
 
 /// Why a write did not complete.
@@ -28,7 +31,7 @@ pub enum Stop {
 }
 
 impl SinkOp {
-    pub fn new(spec: &Spec, id: &str, sink: &Sink) -> Result<Self> {
+    pub fn new(spec: &Spec, id: &str, sink: &Sink, schema: Option<SchemaRef>) -> Result<Self> {
         let Some(opener) = registry::stream_sink(sink.kind, sink.settings.as_ref()) else {
             return Err(Error::Internal(format!("sink '{id}': {} in a stream passed validation", sink.kind)));
         };
@@ -36,7 +39,18 @@ impl SinkOp {
         for name in ["engine_events_in_total", "engine_sink_retries_total", "engine_sink_refused_total"] {
             metrics::counter!(name, "node" => id.to_string()).increment(0);
         }
-        Ok(Self { id: id.to_string(), input: sink.input().value().clone(), sink: sink_op })
+        Ok(Self { id: id.to_string(), input: sink.input().value().clone(), sink: sink_op, schema })
+    }
+
+    /// Readies the sink for its first write where the input's schema is
+    /// known: a PostgreSQL sink connects and checks its table, which took
+    /// its first alert about 100 ms (and every batch behind it waited).
+    pub async fn open(&mut self) {
+        if let Some(schema) = self.schema.take() {
+            if let Err(e) = self.sink.open(&schema).await {
+                tracing::debug!(sink = %self.id, "not ready before its first write: {e}");
+            }
+        }
     }
 
     /// Writes and commits `batches`, retrying while the system is away.

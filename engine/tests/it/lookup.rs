@@ -22,6 +22,9 @@ struct Lookups {
 
 const RULE: &str = "id: risky_customer\nseverity: high\nwhen: tier = 'high'\n";
 
+/// The events with their customer's tier, where the lookup has one.
+const LEFT_JOIN: &str = "SELECT t.transaction_id, t.customer_id, t.amount, r.tier FROM tx AS t LEFT JOIN risk AS r ON t.customer_id = r.customer_id";
+
 impl Lookups {
     fn new(name: &str, lookup: &str, sql: &str) -> Self {
         let dir = scratch(&format!("lookup-{name}"));
@@ -59,6 +62,18 @@ sinks:
         );
         std::fs::write(dir.join("p.yaml"), spec).expect("spec");
         Self { dir, db, stream }
+    }
+
+    /// Lookup `risk` from the table `risk` (created empty), refreshed
+    /// every `refresh`, left-joined.
+    fn postgres(name: &str, refresh: &str) -> Self {
+        let s = Self::new(
+            name,
+            &format!("    connection: db\n    table: risk\n    refresh: {refresh}"),
+            LEFT_JOIN,
+        );
+        psql(&s.db, "CREATE TABLE risk (customer_id int8 PRIMARY KEY, tier text NOT NULL)");
+        s
     }
 
     fn db_url(&self) -> String {
@@ -131,6 +146,34 @@ sinks:
     }
 }
 
+/// A stream's table sink is ready before its first row: its table is
+/// checked (here created) while the stream starts, so the first alert does
+/// not wait for the connection and the check (about 100 ms, with every
+/// batch behind it waiting too).
+#[test]
+fn a_table_sink_is_ready_before_its_first_alert() {
+    let s = Lookups::postgres("ready", "1m");
+    let port = free_port();
+    let engine = s.start(port);
+    wait_for("the stream", Duration::from_secs(60), || lookup_version(port) >= 1);
+    // Events that alert on nothing: no row reaches the sink.
+    s.send(0..10);
+    wait_for("the events read", Duration::from_secs(60), || {
+        let info: redis::RedisResult<Vec<std::collections::HashMap<String, redis::Value>>> =
+            redis::cmd("XINFO").arg("GROUPS").arg(&s.stream).query(&mut redis());
+        info.is_ok_and(|g| {
+            g.iter().any(|g| {
+                g.get("pending") == Some(&redis::Value::Int(0))
+                    && g.get("entries-read") == Some(&redis::Value::Int(10))
+            })
+        })
+    });
+    let table = psql(&s.db, "SELECT to_regclass('alerts') IS NOT NULL");
+    assert_eq!(stop(engine), 0, "{}", s.log());
+    assert_eq!(table.trim(), "t", "the alerts table is created before any alert: {}", s.log());
+    assert!(s.alerts().is_empty(), "no alert: {:?}", s.alerts());
+}
+
 /// Alert ids of the events in `ids` whose customer is in `risky`.
 fn expected(ids: std::ops::Range<i64>, risky: &[i64]) -> BTreeSet<String> {
     ids.filter(|id| risky.contains(&(id % 3 + 1))).map(|id| format!("risky_customer:{id}")).collect()
@@ -148,12 +191,8 @@ fn lookup_version(port: u16) -> u64 {
 
 #[test]
 fn a_postgres_lookup_feeds_a_rule_and_its_changes_show_after_the_refresh() {
-    let s = Lookups::new(
-        "postgres",
-        "    connection: db\n    table: risk\n    refresh: 1s",
-        "SELECT t.transaction_id, t.customer_id, t.amount, r.tier FROM tx AS t LEFT JOIN risk AS r ON t.customer_id = r.customer_id",
-    );
-    psql(&s.db, "CREATE TABLE risk (customer_id int8 PRIMARY KEY, tier text NOT NULL); INSERT INTO risk VALUES (1, 'high'), (2, 'low')");
+    let s = Lookups::postgres("postgres", "1s");
+    psql(&s.db, "INSERT INTO risk VALUES (1, 'high'), (2, 'low')");
     // Version 1: customer 1 is high-risk; customer 3 has no row (left join).
     let (engine, port, mut want) = s.start_with_customer_1_risky();
 
@@ -238,11 +277,8 @@ fn a_mongodb_lookup_feeds_a_rule_the_same_way() {
 
 #[test]
 fn a_lookup_that_cannot_be_read_at_start_is_an_error_with_its_place() {
-    let s = Lookups::new(
-        "missing",
-        "    connection: db\n    table: no_such_table\n    refresh: 1m",
-        "SELECT t.transaction_id, t.customer_id, t.amount, r.tier FROM tx AS t LEFT JOIN risk AS r ON t.customer_id = r.customer_id",
-    );
+    let s =
+        Lookups::new("missing", "    connection: db\n    table: no_such_table\n    refresh: 1m", LEFT_JOIN);
     let out = s.command(&["stream", "p.yaml", "--max-events", "1"]).output().expect("engine runs");
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");

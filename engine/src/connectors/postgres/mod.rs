@@ -232,6 +232,15 @@ struct Split {
 
 #[async_trait::async_trait]
 impl StreamSink for PgStream {
+    async fn open(&mut self, schema: &SchemaRef) -> Result<()> {
+        if self.conn.is_none() {
+            let mut c = connect(&self.name, &self.url).await?;
+            let target = sink::StreamTarget::new(&mut c, &self.id, &self.sink, schema).await?;
+            self.conn = Some((c, target));
+        }
+        Ok(())
+    }
+
     async fn write(&mut self, batches: &[RecordBatch]) -> Result<Written> {
         let mut split = match self.split.take() {
             Some(s) => s,
