@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::postgres::{database, psql, server};
-use super::stream::{free_port, http_get, redis, redis_url, stop, wait_for};
+use super::stream::{free_port, group_caught_up, http_get, redis, redis_url, stop, wait_for};
 use super::{scratch, text};
 
 /// A stream of `tx` events joined to lookup `risk` (a postgres table, or
@@ -158,16 +158,7 @@ fn a_table_sink_is_ready_before_its_first_alert() {
     wait_for("the stream", Duration::from_secs(60), || lookup_version(port) >= 1);
     // Events that alert on nothing: no row reaches the sink.
     s.send(0..10);
-    wait_for("the events read", Duration::from_secs(60), || {
-        let info: redis::RedisResult<Vec<std::collections::HashMap<String, redis::Value>>> =
-            redis::cmd("XINFO").arg("GROUPS").arg(&s.stream).query(&mut redis());
-        info.is_ok_and(|g| {
-            g.iter().any(|g| {
-                g.get("pending") == Some(&redis::Value::Int(0))
-                    && g.get("entries-read") == Some(&redis::Value::Int(10))
-            })
-        })
-    });
+    wait_for("the events read", Duration::from_secs(60), || group_caught_up(&s.stream, "g"));
     let table = psql(&s.db, "SELECT to_regclass('alerts') IS NOT NULL");
     assert_eq!(stop(engine), 0, "{}", s.log());
     assert_eq!(table.trim(), "t", "the alerts table is created before any alert: {}", s.log());

@@ -815,8 +815,8 @@ fn pending_partitions(stream: &str, partitions: u32) -> i64 {
         .sum()
 }
 
-/// Whether group `fraud` has read every entry of `stream` and acknowledged it.
-fn group_caught_up(stream: &str) -> bool {
+/// Whether `group` has read every entry of `stream` and acknowledged it.
+pub(super) fn group_caught_up(stream: &str, group: &str) -> bool {
     let groups: redis::RedisResult<Vec<std::collections::HashMap<String, redis::Value>>> =
         redis::cmd("XINFO").arg("GROUPS").arg(stream).query(&mut redis());
     let Ok(groups) = groups else { return false };
@@ -826,8 +826,8 @@ fn group_caught_up(stream: &str) -> bool {
             _ => None,
         };
         let name = match g.get("name") {
-            Some(redis::Value::BulkString(b)) => b.as_slice() == b"fraud",
-            Some(redis::Value::SimpleString(s)) => s == "fraud",
+            Some(redis::Value::BulkString(b)) => b.as_slice() == group.as_bytes(),
+            Some(redis::Value::SimpleString(s)) => s == group,
             _ => false,
         };
         name && int("pending") == Some(0) && int("lag") == Some(0)
@@ -907,7 +907,9 @@ fn a_restarted_shard_keeps_its_windows_and_counts_a_redelivered_batch_once() {
         xadd(&mut c, &s.stream, &event_at(id, 7, 10.0, id * 100));
     }
     let first = s.start(&["--shard", "0/1"]);
-    wait_for("the first entries acknowledged", Duration::from_secs(60), || group_caught_up(&s.stream));
+    wait_for("the first entries acknowledged", Duration::from_secs(60), || {
+        group_caught_up(&s.stream, "fraud")
+    });
     // Two more while PostgreSQL is away: read, counted in memory, never
     // committed, never acknowledged; then the engine is killed.
     proxy.cut();

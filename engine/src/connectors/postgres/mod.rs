@@ -221,6 +221,21 @@ struct PgStream {
     split: Option<Split>,
 }
 
+impl PgStream {
+    /// The connection, opened (and the table checked) if it is not.
+    async fn ready(&mut self, schema: &SchemaRef) -> Result<&mut (PgConnection, sink::StreamTarget)> {
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => {
+                let mut c = connect(&self.name, &self.url).await?;
+                let target = sink::StreamTarget::new(&mut c, &self.id, &self.sink, schema).await?;
+                (c, target)
+            }
+        };
+        Ok(self.conn.insert(conn))
+    }
+}
+
 /// A batch's rows and the ranges of them still to write. A statement the
 /// database refuses for its data is split in halves until each refused row
 /// stands alone; the rest are written.
@@ -233,12 +248,7 @@ struct Split {
 #[async_trait::async_trait]
 impl StreamSink for PgStream {
     async fn open(&mut self, schema: &SchemaRef) -> Result<()> {
-        if self.conn.is_none() {
-            let mut c = connect(&self.name, &self.url).await?;
-            let target = sink::StreamTarget::new(&mut c, &self.id, &self.sink, schema).await?;
-            self.conn = Some((c, target));
-        }
-        Ok(())
+        self.ready(schema).await.map(|_| ())
     }
 
     async fn write(&mut self, batches: &[RecordBatch]) -> Result<Written> {
@@ -251,24 +261,12 @@ impl StreamSink for PgStream {
             }
         };
         while let Some(range) = split.todo.pop() {
-            let (c, target) = match &mut self.conn {
-                Some(c) => c,
-                None => {
-                    let opened = async {
-                        let mut c = connect(&self.name, &self.url).await?;
-                        let target =
-                            sink::StreamTarget::new(&mut c, &self.id, &self.sink, &batches[0].schema())
-                                .await?;
-                        Ok::<_, Error>((c, target))
-                    };
-                    match opened.await {
-                        Ok(c) => self.conn.insert(c),
-                        Err(e) => {
-                            split.todo.push(range);
-                            self.split = Some(split);
-                            return Err(e);
-                        }
-                    }
+            let (c, target) = match self.ready(&batches[0].schema()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    split.todo.push(range);
+                    self.split = Some(split);
+                    return Err(e);
                 }
             };
             let json = super::codec::join_array(&split.rows[range.clone()]).map_err(Error::Internal)?;
