@@ -20,6 +20,6 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Result<i32> {
     let plan = super::compile(&args.spec_file, &args.spec.load_options()?).await?;
-    print!("{}", render(&plan, args.format));
+    out!("{}", render(&plan, args.format));
     Ok(0)
 }

@@ -2,6 +2,15 @@
 //! the library. Exit statuses: 0 ok, 1 a check or test failed, 2 invalid input
 //! (spec, rule file, flag), 3 a runtime failure.
 
+/// Writes to standard output like `print!`. A closed pipe (`engine schema |
+/// head`) ends the process quietly with status 0, as other command-line
+/// tools do; `print!` would panic with a backtrace.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::cli::write_out(format_args!($($t)*)) };
+}
+
+#[cfg(test)]
+mod fuzz;
 mod graph;
 mod rules;
 mod run;
@@ -168,4 +177,15 @@ fn init_logging(stream: bool, format: LogFormat) {
             builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init()
         }
     };
+}
+
+/// What [`out!`] writes with.
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
 }

@@ -52,6 +52,6 @@ pub async fn run(cmd: Command) -> Result<i32> {
         diags.extend(crate::rules::compile::check_against(&set, schema.clone(), &key).await);
     }
     diags.into_result()?;
-    println!("ok: {} rules in {} files", set.len(), files.len());
+    out!("ok: {} rules in {} files\n", set.len(), files.len());
     Ok(0)
 }

@@ -25,7 +25,7 @@ pub fn run(args: Args) -> Result<i32> {
     }
     .map_err(|e| Error::Internal(e.to_string()))?;
     let text = serde_json::to_string_pretty(&schema).map_err(|e| Error::Internal(e.to_string()))?;
-    println!("{text}");
+    out!("{text}\n");
     Ok(0)
 }
 

@@ -35,9 +35,9 @@ pub async fn run(args: Args) -> Result<i32> {
                 let problems = found.problems;
                 if problems.is_empty() {
                     let connected = if args.connect { ", connections ok" } else { "" };
-                    println!("ok: {} ({}{connected})", path.display(), summary(&plan));
+                    out!("ok: {} ({}{connected})\n", path.display(), summary(&plan));
                     for note in found.notes {
-                        println!("  {note}");
+                        out!("  {note}\n");
                     }
                 } else {
                     failed += 1;

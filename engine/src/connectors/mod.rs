@@ -160,6 +160,12 @@ pub trait Acker: Send {
         Ok(Vec::new())
     }
 
+    /// After [`Acker::load_state`]: the partitions whose state was expected
+    /// (they were read before) but missing (deleted, or evicted).
+    fn missing_state(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Stores rows a sink refused, before the batch that carried them is
     /// acknowledged (the source's dead letter). Retries like `ack`; an error
     /// leaves the batch unacknowledged. Without a dead letter they are logged.
@@ -176,7 +182,7 @@ pub trait Acker: Send {
 /// Logs refused rows' reasons (not their data: rows may be personal data).
 pub fn log_refused(rows: &[Refused]) {
     for r in rows {
-        tracing::warn!(sink = %r.sink, "row refused (no dead_letter configured): {}", r.reason);
+        tracing::warn!(node = %r.node, "row refused (no dead_letter configured): {}", r.reason);
     }
 }
 
@@ -199,8 +205,6 @@ impl Acker for NoAck {
 #[derive(Debug, Default)]
 pub struct State {
     pub writes: Vec<StateWrite>,
-    /// How long stored state outlives its partition's last change.
-    pub keep_for: Duration,
 }
 
 /// One key's window in a partition's state, or its removal (`value: None`).
@@ -319,14 +323,16 @@ impl Written {
     }
 }
 
-/// A row a sink's system refused for its data (a CHECK, NOT NULL or
-/// foreign-key violation, a value out of range): retrying cannot help.
+/// A row refused for its data: by a sink's system (a CHECK, NOT NULL or
+/// foreign-key violation, a value out of range), or by a transform that
+/// failed on it (a rule dividing by zero): retrying cannot help.
 #[derive(Debug, Clone)]
 pub struct Refused {
-    /// The sink's id.
-    pub sink: String,
+    /// The refusing node's id.
+    pub node: String,
     /// The row as a JSON object.
     pub row: Vec<u8>,
+    /// Why, naming the node: `sink 'x' refused the row: ...`.
     pub reason: String,
 }
 

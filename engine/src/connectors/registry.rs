@@ -41,7 +41,8 @@ fn sources() -> Vec<SourceEntry> {
         SourceEntry::of::<mongodb::config::MongoSource>("mongodb", Some("mongodb"))
             .batch(as_batch_source::<mongodb::config::MongoSource>),
         SourceEntry::of::<redis::config::RedisSource>("redis", Some("redis"))
-            .stream(as_stream_source::<redis::config::RedisSource>),
+            .stream(as_stream_source::<redis::config::RedisSource>)
+            .probe(as_probe::<redis::config::RedisSource, _>),
         SourceEntry::of::<file::config::FileSource>("file", None)
             .batch(as_batch_source::<file::config::FileSource>),
         SourceEntry::of::<generate::config::GenerateSource>("generate", None)

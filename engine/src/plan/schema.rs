@@ -45,13 +45,25 @@ fn unknown(t: &str) -> String {
     }
 }
 
+/// The field metadata key of a `float64` column declared `non_finite: true`.
+pub const NON_FINITE: &str = "non_finite";
+
 /// The Arrow schema of a declared `schema:`; errors name the column.
 pub fn from_declared(columns: &IndexMap<String, ColumnSpec>) -> Result<SchemaRef, Vec<String>> {
     let mut fields = Vec::new();
     let mut errors = Vec::new();
     for (name, spec) in columns {
         match arrow_type(spec.data_type()) {
-            Ok(t) => fields.push(Field::new(name, t, !spec.required())),
+            Ok(t) if spec.non_finite() && t != DataType::Float64 => {
+                errors.push(format!("column '{name}': 'non_finite' applies to float64 columns only"))
+            }
+            Ok(t) => {
+                let field = Field::new(name, t, !spec.required());
+                fields.push(match spec.non_finite() {
+                    true => field.with_metadata([(NON_FINITE.to_string(), "true".to_string())].into()),
+                    false => field,
+                });
+            }
             Err(e) => errors.push(format!("column '{name}': {e}")),
         }
     }

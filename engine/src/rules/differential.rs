@@ -146,14 +146,15 @@ fn through_partitions(
     let mut out = Vec::new();
     for (seq, chunk) in events.chunks(size).enumerate() {
         let parts: Vec<u32> = chunk.iter().map(|e| (e.customer % i64::from(partitions)) as u32).collect();
-        let (alerts, _) = rules
+        let alerts = rules
             .evaluate(&batch(chunk), &mut state, 0, Some(&parts), Step::at(seq as u64))
-            .expect("evaluates");
+            .expect("evaluates")
+            .alerts;
         out.push(alerts);
     }
     // The end of the stream releases what the windows still hold.
     let last = Step { flush: true, ..Step::at(u64::MAX) };
-    let (alerts, _) = rules.evaluate(&batch(&[]), &mut state, 0, None, last).expect("evaluates");
+    let alerts = rules.evaluate(&batch(&[]), &mut state, 0, None, last).expect("evaluates").alerts;
     out.push(alerts);
     alert_ids(&out)
 }

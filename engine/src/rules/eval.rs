@@ -121,7 +121,18 @@ enum Job<'a, T> {
     Done(Fired),
 }
 
-type Fired = Result<Option<(RecordBatch, BooleanArray)>, String>;
+/// A rule's rows and which fired, and the rows it failed on.
+type Fired = Result<(Option<(RecordBatch, BooleanArray)>, Vec<Failure>), String>;
+
+/// An event a rule failed on (a division by zero, a failed cast): it does
+/// not fire that rule, and goes to the dead letter with the message.
+#[derive(Debug)]
+pub struct Failure {
+    pub rule: String,
+    /// The event (one row of the rule's input).
+    pub row: RecordBatch,
+    pub message: String,
+}
 
 /// Rows from which a windowed rule runs on a thread of its own: fewer take
 /// less time than starting one.
@@ -133,6 +144,14 @@ pub struct Hits {
     pub mode: RuleMode,
     pub count: usize,
     pub late: usize,
+}
+
+/// One evaluation's outcome: the alerts, each rule's hits, and the events
+/// a rule failed on.
+pub struct Evaluated {
+    pub alerts: RecordBatch,
+    pub hits: Vec<Hits>,
+    pub failures: Vec<Failure>,
 }
 
 impl CompiledRules {
@@ -250,7 +269,7 @@ impl CompiledRules {
         arrival_us: i64,
         partitions: Option<&[u32]>,
         step: Step,
-    ) -> Result<(RecordBatch, Vec<Hits>), String> {
+    ) -> Result<Evaluated, String> {
         let timed = self.timed(batch)?;
         let mut late = vec![0; timed.len()];
         if batch.num_rows() > 0 && !timed.is_empty() {
@@ -284,15 +303,20 @@ impl CompiledRules {
             lates.push(late);
         }
         let fire = |rule: &CompiledRule, state: Option<&mut Windows>, input: Input| -> Fired {
-            let Some((rows, parts)) = input.rows(batch, partitions) else { return Ok(None) };
-            match (&rule.window, state) {
-                (Some(w), Some(state)) => {
-                    let aug = with_aggregates(w, rows, state, arrival_us, parts)?;
-                    let mask = eval_bool(&rule.when, &aug)?;
-                    Ok(Some((aug, mask)))
-                }
-                _ => Ok(Some((rows.clone(), eval_bool(&rule.when, rows)?))),
-            }
+            let Some((rows, parts)) = input.rows(batch, partitions) else { return Ok((None, vec![])) };
+            let mut failed = Vec::new();
+            let scope = match (&rule.window, state) {
+                (Some(w), Some(state)) => with_aggregates(w, rows, state, arrival_us, parts, &mut failed)?,
+                _ => rows.clone(),
+            };
+            let mask = eval_bool(&rule.when, &scope, &mut failed)?;
+            failed.sort_unstable_by_key(|f| f.0);
+            failed.dedup_by_key(|f| f.0);
+            let failures = failed
+                .into_iter()
+                .map(|(row, message)| Failure { rule: rule.id.clone(), row: rows.slice(row, 1), message })
+                .collect();
+            Ok((Some((scope, mask)), failures))
         };
         let outcomes: Vec<Fired> = std::thread::scope(|scope| {
             // The windowed rules start first, on threads of their own when
@@ -329,8 +353,11 @@ impl CompiledRules {
         });
         let mut alerts = Vec::new();
         let mut hits = Vec::new();
+        let mut failures = Vec::new();
         for ((rule, outcome), late) in self.rules.iter().zip(outcomes).zip(lates) {
-            let Some((scope, mask)) = outcome? else {
+            let (fired, failed) = outcome?;
+            failures.extend(failed);
+            let Some((scope, mask)) = fired else {
                 hits.push(Hits { rule: rule.id.clone(), mode: rule.mode, count: 0, late });
                 continue;
             };
@@ -341,8 +368,8 @@ impl CompiledRules {
                 alerts.push(self.alert_rows(rule, &fired)?);
             }
         }
-        let out = concat_batches(&self.output, &alerts).map_err(|e| e.to_string())?;
-        Ok((out, hits))
+        let alerts = concat_batches(&self.output, &alerts).map_err(|e| e.to_string())?;
+        Ok(Evaluated { alerts, hits, failures })
     }
 
     fn alert_rows(&self, rule: &CompiledRule, fired: &RecordBatch) -> Result<RecordBatch, String> {
@@ -352,15 +379,21 @@ impl CompiledRules {
         let ids: StringArray = (0..n)
             .map(|i| Some(format!("{}:{}", rule.id, if keys.is_null(i) { "" } else { keys.value(i) })))
             .collect();
-        let reason = rule.reason.evaluate(fired).and_then(|v| v.into_array(n)).map_err(|e| e.to_string())?;
+        // The reason evaluates what `when` did; should it fail on a row
+        // all the same, the alert still goes out, saying so.
+        let mut failed = Vec::new();
+        let reason = evaluate_rows(&rule.reason, fired, &mut failed)?;
+        let reason = cast(&reason, &DataType::Utf8).map_err(|e| e.to_string())?;
+        let reason = reason.as_any().downcast_ref::<StringArray>().ok_or("reason as text")?;
+        let reason: StringArray = (0..n)
+            .map(|i| match failed.iter().find(|f| f.0 == i) {
+                Some((_, e)) => Some(format!("{} (its reason could not be computed: {e})", rule.id)),
+                None => reason.is_valid(i).then(|| reason.value(i).to_string()),
+            })
+            .collect();
         let repeat = |s: &str| Arc::new(StringArray::from(vec![s; n])) as ArrayRef;
-        let mut cols: Vec<ArrayRef> = vec![
-            Arc::new(ids),
-            repeat(&rule.id),
-            repeat(&rule.severity),
-            repeat(&self.version),
-            cast(&reason, &DataType::Utf8).map_err(|e| e.to_string())?,
-        ];
+        let mut cols: Vec<ArrayRef> =
+            vec![Arc::new(ids), repeat(&rule.id), repeat(&rule.severity), repeat(&self.version), Arc::new(reason)];
         for f in self.output.fields().iter().skip(5) {
             let i = self.input.index_of(f.name()).map_err(|e| e.to_string())?;
             cols.push(fired.column(i).clone());
@@ -373,8 +406,62 @@ fn internal(e: &dyn std::fmt::Display) -> Diagnostics {
     Diagnostics(vec![Diagnostic::error(std::path::Path::new("<rules>"), Default::default(), e.to_string())])
 }
 
-fn eval_bool(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Result<BooleanArray, String> {
-    let v = expr.evaluate(batch).and_then(|v| v.into_array(batch.num_rows())).map_err(|e| e.to_string())?;
+/// `expr` on every row of `batch`. Should it fail, the batch is halved
+/// until the rows it fails on are found (a few evaluations per bad row):
+/// those are NULL in the result and added to `failed` with the message, and
+/// every other row has its value. A panic counts as a failure.
+fn evaluate_rows(
+    expr: &Arc<dyn PhysicalExpr>,
+    batch: &RecordBatch,
+    failed: &mut Vec<(usize, String)>,
+) -> Result<ArrayRef, String> {
+    fn once(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Result<ArrayRef, String> {
+        let n = batch.num_rows();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            expr.evaluate(batch).and_then(|v| v.into_array(n))
+        })) {
+            Ok(Ok(a)) => Ok(a),
+            Ok(Err(e)) => Err(crate::spec::sql::short(e)),
+            Err(_) => Err("the evaluation panicked".into()),
+        }
+    }
+    fn narrow(
+        expr: &Arc<dyn PhysicalExpr>,
+        batch: &RecordBatch,
+        offset: usize,
+        error: String,
+        failed: &mut Vec<(usize, String)>,
+    ) -> Result<ArrayRef, String> {
+        let n = batch.num_rows();
+        if n <= 1 {
+            failed.push((offset, error));
+            let t = expr.data_type(&batch.schema()).map_err(|e| e.to_string())?;
+            return Ok(datafusion::arrow::array::new_null_array(&t, n));
+        }
+        let half = n / 2;
+        let mut parts = Vec::with_capacity(2);
+        for (start, len) in [(0, half), (half, n - half)] {
+            let part = batch.slice(start, len);
+            parts.push(match once(expr, &part) {
+                Ok(a) => a,
+                Err(e) => narrow(expr, &part, offset + start, e, failed)?,
+            });
+        }
+        let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
+        datafusion::arrow::compute::concat(&refs).map_err(|e| e.to_string())
+    }
+    match once(expr, batch) {
+        Ok(a) => Ok(a),
+        Err(e) => narrow(expr, batch, 0, e, failed),
+    }
+}
+
+fn eval_bool(
+    expr: &Arc<dyn PhysicalExpr>,
+    batch: &RecordBatch,
+    failed: &mut Vec<(usize, String)>,
+) -> Result<BooleanArray, String> {
+    let v = evaluate_rows(expr, batch, failed)?;
     let b = v.as_any().downcast_ref::<BooleanArray>().ok_or("'when' is not true or false")?;
     // A NULL outcome does not fire.
     Ok(match b.nulls() {
@@ -474,15 +561,16 @@ fn with_aggregates(
     state: &mut Windows,
     arrival_us: i64,
     partitions: Option<&[u32]>,
+    failed: &mut Vec<(usize, String)>,
 ) -> Result<RecordBatch, String> {
     let n = batch.num_rows();
-    let err = |e: datafusion::error::DataFusionError| e.to_string();
     let mut inputs: Vec<Option<Float64Array>> = Vec::new();
     for a in &w.args {
         inputs.push(match a {
             None => None,
             Some(e) => {
-                let v = e.evaluate(batch).and_then(|v| v.into_array(n)).map_err(err)?;
+                // A row the argument fails on adds nothing to its window.
+                let v = evaluate_rows(e, batch, failed)?;
                 let f = cast(&v, &DataType::Float64).map_err(|e| e.to_string())?;
                 Some(f.as_any().downcast_ref::<Float64Array>().ok_or("aggregate input as float")?.clone())
             }
@@ -583,7 +671,7 @@ mod tests {
             ("big.yaml", "id: big\nseverity: high\nmode: shadow\nwhen: amount > 50\n"),
         ]);
         let mut windows = rules.state(RuleState::default());
-        let (a, hits) = rules
+        let e = rules
             .evaluate(
                 &batch(&[(1, 7, 60.0, 0), (2, 8, 1.0, 1), (3, 7, 30.0, 10)]),
                 &mut windows,
@@ -592,15 +680,32 @@ mod tests {
                 Step::at(1),
             )
             .unwrap();
+        let (a, hits) = (e.alerts, e.hits);
         assert_eq!(a.num_rows(), 0);
         assert_eq!(hits.iter().find(|h| h.rule == "big").map(|h| h.count), Some(1));
-        let (a, _) = rules
+        let a = rules
             .evaluate(&batch(&[(4, 7, 20.0, 20), (5, 7, 5.0, 200)]), &mut windows, 0, None, Step::at(1))
-            .unwrap();
+            .unwrap()
+            .alerts;
         assert_eq!(column(&a, "alert_id"), vec!["rapid:4"]);
         assert_eq!(column(&a, "reason"), vec!["count(*) 3 > 2 AND sum(amount) 110.0 > 100"]);
         assert_eq!(column(&a, "severity"), vec!["medium"]);
         assert_eq!(column(&a, "rules_version"), vec![rules.version.clone()]);
+    }
+
+    /// A rule that divides by a column fails on the events where it is
+    /// zero: those are returned with the message, the others are evaluated.
+    #[test]
+    fn a_rule_failing_on_some_rows_fails_on_those_alone() {
+        let rules = compiled(&[("ratio.yaml", "id: ratio\nseverity: low\nwhen: 100 / customer_id > 10\n")]);
+        let mut state = rules.state(RuleState::default());
+        let rows: Vec<(i64, i64, f64, i64)> =
+            (0..40).map(|i| (i, if i % 13 == 5 { 0 } else { 2 }, 1000.0, i)).collect();
+        let e = rules.evaluate(&batch(&rows), &mut state, 0, None, Step::at(1)).unwrap();
+        assert_eq!(e.alerts.num_rows(), 37);
+        let failed: Vec<String> = e.failures.iter().flat_map(|f| column(&f.row, "transaction_id")).collect();
+        assert_eq!(failed, vec!["5", "18", "31"]);
+        assert!(e.failures.iter().all(|f| f.rule == "ratio" && f.message.to_lowercase().contains("divide by zero")));
     }
 
     #[test]
@@ -611,12 +716,12 @@ mod tests {
         );
         let first = compiled(&[rapid]);
         let mut windows = first.state(RuleState::default());
-        let (a, _) = first.evaluate(&batch(&[(1, 7, 1.0, 0)]), &mut windows, 0, None, Step::at(1)).unwrap();
+        let a = first.evaluate(&batch(&[(1, 7, 1.0, 0)]), &mut windows, 0, None, Step::at(1)).unwrap().alerts;
         assert_eq!(a.num_rows(), 0);
         let second = compiled(&[rapid, ("big.yaml", "id: big\nseverity: high\nwhen: amount > 1000\n")]);
         let mut windows = second.state(windows);
-        let (a, _) =
-            second.evaluate(&batch(&[(2, 7, 1.0, 1)]), &mut windows, 1_000_000, None, Step::at(2)).unwrap();
+        let a =
+            second.evaluate(&batch(&[(2, 7, 1.0, 1)]), &mut windows, 1_000_000, None, Step::at(2)).unwrap().alerts;
         assert_eq!(column(&a, "alert_id"), vec!["rapid:2"]);
     }
 }

@@ -6,10 +6,12 @@
 //! less the rule's `allowed_lateness`. Held events are then released in
 //! time order (ties in arrival order). A partition that goes quiet does not
 //! hold events for ever: once it has received nothing for `allowed_lateness`
-//! of wall-clock time, every event it holds is released. A partition that
-//! keeps receiving events (a stream catching up on a backlog, an engine
-//! slowed down) goes by its watermark alone, so the counts do not depend on
-//! how fast the engine reads.
+//! of wall-clock time, every event it holds is released. Nor does one whose
+//! event time stands still (every event stamped alike, or older): once its
+//! watermark has not moved for `allowed_lateness` of wall-clock time, what it
+//! holds is released. A partition whose event time advances (a stream
+//! catching up on a backlog, an engine slowed down) goes by its watermark
+//! alone, so the counts do not depend on how fast the engine reads.
 //! An event older than what its partition has already released is late: it
 //! is left out of the rule's window and counted.
 //!
@@ -54,9 +56,14 @@ pub struct Held {
     durable: bool,
     /// Slots not stored yet.
     unsaved: Vec<u64>,
-    /// Stored rows (partition, batch sequence number) no rule holds any more.
-    deleted: Vec<(u32, u64)>,
+    /// Stored rows (partition, key) no rule holds any more.
+    deleted: Vec<(u32, Vec<u8>)>,
 }
+
+/// The most bytes one stored value of held rows takes: a batch's held rows
+/// are split over several values past it (Redis refuses values over 512 MB
+/// and a large one stalls every other client while it is written).
+pub const MAX_STORED_VALUE: usize = 4 << 20;
 
 /// A batch whose rows some rule holds.
 struct Slot {
@@ -74,6 +81,8 @@ struct Slot {
     /// still held (the others are in the window state stored with it).
     holders: Vec<u16>,
     saved: bool,
+    /// Per partition, the keys its held rows are stored under.
+    keys: HashMap<u32, Vec<Vec<u8>>>,
 }
 
 impl Slot {
@@ -101,12 +110,22 @@ struct Part {
     /// When the partition last received a row: quiet for the lateness,
     /// it lets every held row go.
     last_arrival: Option<Instant>,
+    /// When its newest time last moved: still for the lateness, it lets
+    /// every held row go too.
+    advanced: Option<Instant>,
     changed: bool,
 }
 
 impl Default for Part {
     fn default() -> Self {
-        Self { newest: i64::MIN, released: None, held: BTreeMap::new(), last_arrival: None, changed: false }
+        Self {
+            newest: i64::MIN,
+            released: None,
+            held: BTreeMap::new(),
+            last_arrival: None,
+            advanced: None,
+            changed: false,
+        }
     }
 }
 
@@ -190,6 +209,7 @@ impl Held {
             refs: HashMap::new(),
             holders: vec![0; batch.num_rows()],
             saved: false,
+            keys: HashMap::new(),
         };
         let late = self.hold_rows(id, slot, timed, now, |_, _| true);
         if self.slots.contains_key(&id) && self.durable {
@@ -225,7 +245,10 @@ impl Held {
                     late[k] += 1;
                     continue;
                 }
-                part.newest = part.newest.max(time);
+                if time > part.newest || part.advanced.is_none() {
+                    part.newest = part.newest.max(time);
+                    part.advanced = Some(now);
+                }
                 part.held.insert(key, (id, row as u32));
                 *slot.refs.entry(p).or_default() += 1;
                 slot.holders[row] += 1;
@@ -247,7 +270,8 @@ impl Held {
         let mut out: Vec<(RowKey, u64, u32, u32)> = Vec::new();
         for (p, part) in hold.parts.iter_mut() {
             let quiet = part.last_arrival.is_some_and(|at| now.duration_since(at) >= hold.lateness);
-            let cutoff = if all || quiet { i64::MAX } else { part.newest.saturating_sub(lateness_us) };
+            let still = part.advanced.is_some_and(|at| now.duration_since(at) >= hold.lateness);
+            let cutoff = if all || quiet || still { i64::MAX } else { part.newest.saturating_sub(lateness_us) };
             while let Some(entry) = part.held.first_entry() {
                 if entry.key().0 > cutoff {
                     break;
@@ -311,7 +335,8 @@ impl Held {
         if *n == 0 {
             s.refs.remove(&p);
             if s.saved {
-                self.deleted.push((p, s.seq));
+                let keys = s.keys.remove(&p).unwrap_or_else(|| vec![rows_key(s.seq)]);
+                self.deleted.extend(keys.into_iter().map(|k| (p, k)));
             }
             if s.refs.is_empty() {
                 self.slots.remove(&slot);
@@ -324,22 +349,23 @@ impl Held {
     /// release marks.
     pub fn changes(&mut self) -> Result<Vec<HoldWrite>, String> {
         let mut out = Vec::new();
-        for (p, seq) in self.deleted.drain(..) {
-            out.push(HoldWrite { rule: None, partition: p, key: rows_key(seq), value: None });
+        for (p, key) in self.deleted.drain(..) {
+            out.push(HoldWrite { rule: None, partition: p, key, value: None });
         }
         for id in std::mem::take(&mut self.unsaved) {
             let Some(slot) = self.slots.get_mut(&id) else { continue };
             slot.saved = true;
-            for p in slot.refs.keys() {
+            let parts: Vec<u32> = slot.refs.keys().copied().collect();
+            for p in parts {
                 let rows: Vec<u32> = (0..slot.batch.num_rows() as u32)
-                    .filter(|r| slot.holders[*r as usize] > 0 && slot.partition(*r as usize) == *p)
+                    .filter(|r| slot.holders[*r as usize] > 0 && slot.partition(*r as usize) == p)
                     .collect();
-                out.push(HoldWrite {
-                    rule: None,
-                    partition: *p,
-                    key: rows_key(slot.seq),
-                    value: Some(encode(&slot.batch, &rows)?),
-                });
+                let values = encode_split(&slot.batch, &rows)?;
+                let keys: Vec<Vec<u8>> = (0..values.len() as u32).map(|k| chunk_key(slot.seq, k)).collect();
+                for (key, value) in keys.iter().zip(values) {
+                    out.push(HoldWrite { rule: None, partition: p, key: key.clone(), value: Some(value) });
+                }
+                slot.keys.insert(p, keys);
             }
         }
         for (rule, hold) in self.rules.iter_mut() {
@@ -374,10 +400,14 @@ impl Held {
         true
     }
 
-    /// The sequence number of stored held rows, from their key.
+    /// The sequence number of stored held rows, from their key (`h`, the
+    /// number, and for a batch's second value on, the value's place).
     pub fn stored_rows(key: &[u8]) -> Option<u64> {
-        let (b'h', seq) = key.split_first()? else { return None };
-        Some(u64::from_be_bytes(seq.try_into().ok()?))
+        let (b'h', rest) = key.split_first()? else { return None };
+        if rest.len() != 8 && rest.len() != 12 {
+            return None;
+        }
+        Some(u64::from_be_bytes(rest[..8].try_into().ok()?))
     }
 
     /// Puts back held rows stored by [`Held::changes`] (after every mark):
@@ -386,6 +416,7 @@ impl Held {
     pub fn restore_rows<'t>(
         &mut self,
         partition: u32,
+        key: &[u8],
         seq: u64,
         value: &[u8],
         times: impl Fn(&RecordBatch) -> Result<Vec<Timed<'t>>, String>,
@@ -404,15 +435,56 @@ impl Held {
             refs: HashMap::new(),
             holders,
             saved: true,
+            keys: HashMap::from([(partition, vec![key.to_vec()])]),
         };
         self.hold_rows(id, slot, &timed, now, |part, key| part.released.is_none_or(|r| key > r));
         let held = self.slots.get(&id).map_or(0, |s| s.refs.values().sum());
         if held == 0 {
             // Everything in it was counted before the restart.
-            self.deleted.push((partition, seq));
+            self.deleted.push((partition, key.to_vec()));
         }
         Ok(held)
     }
+}
+
+/// The key of a batch's `k`th stored value of held rows.
+fn chunk_key(seq: u64, k: u32) -> Vec<u8> {
+    let mut key = rows_key(seq);
+    if k > 0 {
+        key.extend_from_slice(&k.to_be_bytes());
+    }
+    key
+}
+
+/// `rows` of `batch` as values of at most about [`MAX_STORED_VALUE`] bytes
+/// each (a single row larger than that is a value of its own).
+fn encode_split(batch: &RecordBatch, rows: &[u32]) -> Result<Vec<Vec<u8>>, String> {
+    let whole = encode(batch, rows)?;
+    if whole.len() <= MAX_STORED_VALUE || rows.len() <= 1 {
+        return Ok(vec![whole]);
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![rows];
+    let mut pieces = whole.len().div_ceil(MAX_STORED_VALUE).max(2);
+    while let Some(part) = todo.pop() {
+        if pieces > 1 {
+            // Rows take about the same room each: split evenly, then check.
+            for chunk in part.chunks(part.len().div_ceil(pieces)).rev() {
+                todo.push(chunk);
+            }
+            pieces = 1;
+            continue;
+        }
+        let value = encode(batch, part)?;
+        if value.len() > MAX_STORED_VALUE && part.len() > 1 {
+            let (a, b) = part.split_at(part.len() / 2);
+            todo.push(b);
+            todo.push(a);
+        } else {
+            out.push(value);
+        }
+    }
+    Ok(out)
 }
 
 /// `rows` of `batch` with their places, in Arrow's IPC stream format.
@@ -501,17 +573,61 @@ mod tests {
         let mut h = Held::default();
         h.set_rules(&[("r", Duration::from_micros(10))]);
         let now = Instant::now();
-        let later = now + Duration::from_micros(10);
+        let later = now + Duration::from_micros(6);
         assert_eq!(h.admit(1, &batch(&[5, 9]), None, &timed(&[5, 9]), now), vec![0]);
-        // Held the lateness on the clock, but the partition is busy: 7 and 8
-        // arrive, older than 9, and must count before it.
+        // The partition is busy: 7 and 8 arrive, older than 9, and must
+        // count before it.
         assert_eq!(h.admit(2, &batch(&[8, 7]), None, &timed(&[8, 7]), later), vec![0]);
         assert!(h.release("r", false, later).unwrap().is_none(), "newest 9 less 10 passes nothing");
-        assert_eq!(h.admit(3, &batch(&[18]), None, &timed(&[18]), later), vec![0]);
-        assert_eq!(ids(&h.release("r", false, later).unwrap()), vec![5, 7, 8]);
-        let quiet = later + Duration::from_micros(10);
+        let after = later + Duration::from_micros(6);
+        assert_eq!(h.admit(3, &batch(&[18]), None, &timed(&[18]), after), vec![0]);
+        assert_eq!(ids(&h.release("r", false, after).unwrap()), vec![5, 7, 8]);
+        let quiet = after + Duration::from_micros(10);
         assert_eq!(ids(&h.release("r", false, quiet).unwrap()), vec![9, 18], "quiet: all go");
         assert!(h.is_empty());
+    }
+
+    /// A partition receiving events whose time stands still lets them go
+    /// once its watermark has not moved for the lateness.
+    #[test]
+    fn a_partition_whose_event_time_stands_still_lets_its_rows_go() {
+        let mut h = Held::default();
+        h.set_rules(&[("r", Duration::from_micros(10))]);
+        let now = Instant::now();
+        h.admit(1, &batch(&[5, 5]), None, &timed(&[5, 5]), now);
+        for k in 1..4u64 {
+            let at = now + Duration::from_micros(3 * k);
+            h.admit(1 + k, &batch(&[5]), None, &timed(&[5]), at);
+            assert!(h.release("r", false, at).unwrap().is_none(), "busy, and the time moved lately");
+        }
+        let still = now + Duration::from_micros(11);
+        h.admit(9, &batch(&[4]), None, &timed(&[4]), still);
+        assert_eq!(ids(&h.release("r", false, still).unwrap()).len(), 6, "every row, though rows keep coming");
+        assert!(h.is_empty());
+    }
+
+    /// Held rows larger than one stored value are split over several, each
+    /// under the limit, that decode back to every row.
+    #[test]
+    fn large_held_rows_are_stored_in_bounded_values() {
+        let text: Vec<String> = (0..2000).map(|i| format!("{i:08}").repeat(600)).collect();
+        let schema = Arc::new(Schema::new(vec![Field::new("t", DataType::Utf8, false)]));
+        let b = RecordBatch::try_new(
+            schema,
+            vec![Arc::new(datafusion::arrow::array::StringArray::from(text.clone()))],
+        )
+        .unwrap();
+        let rows: Vec<u32> = (0..2000).collect();
+        let values = encode_split(&b, &rows).unwrap();
+        assert!(values.len() >= 3, "{} values", values.len());
+        let mut back = Vec::new();
+        for v in &values {
+            assert!(v.len() <= MAX_STORED_VALUE, "{} bytes", v.len());
+            back.extend(decode(v).unwrap().1);
+        }
+        assert_eq!(back, rows);
+        assert_eq!(Held::stored_rows(&chunk_key(7, 2)), Some(7));
+        assert_eq!(Held::stored_rows(&chunk_key(7, 0)), Some(7));
     }
 
     /// A batch is stored with only the rows some rule still holds: the rows
@@ -580,6 +696,7 @@ mod tests {
             restored += back
                 .restore_rows(
                     w.partition,
+                    &w.key,
                     seq,
                     w.value.as_deref().unwrap(),
                     |b| {

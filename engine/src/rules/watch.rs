@@ -24,6 +24,38 @@ pub struct Status {
     pub failures: u64,
     /// The last reload's refusal (every problem, each with file:line:col), until a good reload.
     pub last_error: Option<String>,
+    /// Per rule, the events it failed on (a division by zero, a failed
+    /// cast): those go to the dead letter and the rule stays loaded.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub errors: std::collections::BTreeMap<String, EventErrors>,
+    /// When a rule last failed on an event.
+    #[serde(skip)]
+    pub last_event_error: Option<std::time::Instant>,
+}
+
+/// How often a rule failed on events, and the last time.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EventErrors {
+    pub count: u64,
+    pub last_error: String,
+    /// RFC 3339, UTC.
+    pub last_at: String,
+}
+
+impl Status {
+    /// Counts an event rule `rule` failed on.
+    pub fn event_error(&mut self, rule: &str, message: &str) {
+        let e = self.errors.entry(rule.to_string()).or_default();
+        e.count += 1;
+        e.last_error = message.to_string();
+        e.last_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        self.last_event_error = Some(std::time::Instant::now());
+    }
+
+    /// Whether a rule failed on an event in the last minute.
+    pub fn failing_on_events(&self) -> bool {
+        self.last_event_error.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60))
+    }
 }
 
 /// Where a rules transform reads its rules, and what they compile against.

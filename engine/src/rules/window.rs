@@ -346,7 +346,9 @@ pub struct Windows {
 /// Stored fields, after the window's 8-byte prefix:
 /// - `s`: the snapshot: its generation (8 bytes), the stride (4), then per
 ///   key the key (see [`write_key`]) and its events (see
-///   [`KeyWindow::encode_into`]);
+///   [`KeyWindow::encode_into`]); past [`SNAPSHOT_PIECE`] bytes the keys go
+///   on in more fields, `s` and the piece's place (4 bytes, big-endian),
+///   each with the generation and stride;
 /// - `l`, generation and number (8 bytes each, big-endian): a log: the
 ///   stride, then per event its key and the event (see [`write_event`]),
 ///   in the order they were added;
@@ -358,6 +360,7 @@ struct Durable {
     /// Per partition (by its number).
     parts: Vec<Part>,
     snapshot_min: usize,
+    snapshot_piece: usize,
     /// Changes encoded by [`Windows::encode_changes`], not taken yet.
     encoded: Vec<Stored>,
 }
@@ -381,10 +384,17 @@ struct Part {
     stale: Vec<Vec<u8>>,
     /// Stored fields a stored snapshot replaced, to be removed.
     replaced: Vec<Vec<u8>>,
+    /// Pieces of the stored snapshot.
+    pieces: u32,
 }
 
 /// The least a partition logs before its snapshot is taken again.
 const SNAPSHOT_MIN: usize = 1 << 20;
+
+/// The most bytes of keys one stored piece of a snapshot holds (a key's
+/// window is never split): no value nears Redis's 512 MB limit, and no
+/// single write stalls the server's other clients for long.
+const SNAPSHOT_PIECE: usize = 16 << 20;
 
 /// The most fields a batch removes of those a snapshot replaced.
 const DROP_PER_BATCH: usize = 256;
@@ -467,7 +477,8 @@ impl<'a> Reader<'a> {
 /// A partition's stored fields, gathered for [`Windows::restore`].
 #[derive(Default)]
 struct Saved<'a> {
-    snapshot: Option<(u64, &'a [u8])>,
+    /// The snapshot's pieces: place, generation, keys.
+    snapshot: Vec<(u32, u64, &'a [u8])>,
     logs: Vec<(u64, u64, &'a [u8])>,
     /// Windows stored one per key: the key (tag and bytes) and its window.
     keys: Vec<(&'a [u8], &'a [u8])>,
@@ -492,6 +503,7 @@ impl Windows {
             prefix,
             parts: Vec::new(),
             snapshot_min: SNAPSHOT_MIN,
+            snapshot_piece: SNAPSHOT_PIECE,
             encoded: Vec::new(),
         });
     }
@@ -613,12 +625,19 @@ impl Windows {
             .collect();
         if due.contains(&true) {
             // One pass over the keys for every partition due.
-            let mut snapshots: Vec<Option<Vec<u8>>> = due.iter().map(|due| due.then(Vec::new)).collect();
+            let mut snapshots: Vec<Option<Vec<Vec<u8>>>> =
+                due.iter().map(|due| due.then(|| vec![Vec::new()])).collect();
+            let piece = d.snapshot_piece;
             let keys = ints.iter().map(|(k, w)| (Key::Int(*k), w));
             for (key, w) in keys.chain(rows.iter().map(|(k, w)| (Key::Row(k), w))) {
-                if let Some(Some(out)) = snapshots.get_mut(w.partition as usize) {
-                    write_key(out, key);
-                    w.encode_into(out, stride);
+                if let Some(Some(pieces)) = snapshots.get_mut(w.partition as usize) {
+                    if pieces.last().is_some_and(|p| p.len() >= piece) {
+                        pieces.push(Vec::new());
+                    }
+                    if let Some(out) = pieces.last_mut() {
+                        write_key(out, key);
+                        w.encode_into(out, stride);
+                    }
                 }
             }
             for (p, snapshot) in snapshots.into_iter().enumerate() {
@@ -670,9 +689,10 @@ impl Windows {
             let s = &mut saved[p as usize];
             let mut r = Reader(value);
             match field.split_first() {
-                Some((b's', [])) => {
+                Some((b's', place)) if place.is_empty() || place.len() == 4 => {
+                    let k = place.try_into().map_or(0, u32::from_be_bytes);
                     if let Some(generation) = r.u64() {
-                        s.snapshot = Some((generation, r.0));
+                        s.snapshot.push((k, generation, r.0));
                     }
                 }
                 Some((b'l', name)) if name.len() == 16 => {
@@ -692,18 +712,24 @@ impl Windows {
 
     fn restore_partition(&mut self, p: u32, mut s: Saved<'_>, stride: usize, prefix: &[u8; 8]) {
         let mut part = Part::default();
-        let generation = s.snapshot.map(|(g, _)| g);
-        if let Some((_, bytes)) = s.snapshot {
+        s.snapshot.sort_unstable_by_key(|(k, _, _)| *k);
+        // The pieces of the first piece's generation, in order; a piece of
+        // another (left by a larger snapshot before) is stale.
+        let generation = s.snapshot.first().filter(|(k, _, _)| *k == 0).map(|(_, g, _)| *g);
+        for (k, g, bytes) in &s.snapshot {
             let mut r = Reader(bytes);
-            if r.stride(stride).is_some() {
-                part.snapshot = 8 + bytes.len();
-                while let Some(key) = r.key() {
-                    let Some(n) = r.u32() else { break };
-                    let Some(events) = r.take(n as usize * (1 + stride) * 8) else { break };
-                    self.push_stored(key, p, events, stride);
-                }
-                part.generation = generation;
+            if Some(*g) != generation || *k != part.pieces || r.stride(stride).is_none() {
+                part.stale.push(snapshot_field(prefix, *k));
+                continue;
             }
+            part.snapshot += 8 + bytes.len();
+            part.pieces += 1;
+            while let Some(key) = r.key() {
+                let Some(n) = r.u32() else { break };
+                let Some(events) = r.take(n as usize * (1 + stride) * 8) else { break };
+                self.push_stored(key, p, events, stride);
+            }
+            part.generation = generation;
         }
         s.logs.sort_unstable_by_key(|(g, n, _)| (*g, *n));
         let mut values = Vec::with_capacity(stride);
@@ -744,9 +770,10 @@ impl Windows {
 }
 
 impl Durable {
-    /// Stores `windows` (the partition's keys, as a snapshot holds them) as
-    /// partition `p`'s new snapshot, in place of the one before and its logs.
-    fn snapshot(&mut self, p: u32, stride: usize, windows: &[u8]) {
+    /// Stores `windows` (the partition's keys, as a snapshot holds them, in
+    /// pieces) as partition `p`'s new snapshot, in place of the one before
+    /// and its logs.
+    fn snapshot(&mut self, p: u32, stride: usize, windows: &[Vec<u8>]) {
         let prefix = self.prefix;
         let part = &mut self.parts[p as usize];
         // Changes of this partition encoded and not taken yet are in the
@@ -757,22 +784,37 @@ impl Durable {
         if let Some(g) = part.generation {
             replaced.extend((0..part.next).map(|n| log_field(&prefix, g, n)));
         }
+        // Pieces of the snapshot before past this one's last are removed.
+        let pieces = windows.len().max(1) as u32;
+        replaced.extend((pieces..part.pieces).map(|k| snapshot_field(&prefix, k)));
+        // Never a removal of a field this snapshot writes.
+        let written: Vec<Vec<u8>> = (0..pieces).map(|k| snapshot_field(&prefix, k)).collect();
+        replaced.retain(|f| !written.contains(f));
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or_default();
         let generation = part.generation.map_or(now, |g| now.max(g + 1));
-        let mut value = Vec::with_capacity(12 + windows.len());
-        value.extend_from_slice(&generation.to_le_bytes());
-        value.extend_from_slice(&(stride as u32).to_le_bytes());
-        value.extend_from_slice(windows);
-        *part = Part { generation: Some(generation), snapshot: value.len(), replaced, ..Part::default() };
-        self.encoded.push(Stored {
-            partition: p,
-            field: [prefix.as_slice(), b"s"].concat(),
-            value: Some(value),
-        });
+        let mut total = 0;
+        for (k, keys) in windows.iter().enumerate() {
+            let mut value = Vec::with_capacity(12 + keys.len());
+            value.extend_from_slice(&generation.to_le_bytes());
+            value.extend_from_slice(&(stride as u32).to_le_bytes());
+            value.extend_from_slice(keys);
+            total += value.len();
+            self.encoded.push(Stored { partition: p, field: snapshot_field(&prefix, k as u32), value: Some(value) });
+        }
+        *part = Part { generation: Some(generation), snapshot: total, replaced, pieces, ..Part::default() };
     }
+}
+
+/// The stored field of a snapshot's piece `k` (by the window's prefix).
+fn snapshot_field(prefix: &[u8; 8], k: u32) -> Vec<u8> {
+    let mut field = [prefix.as_slice(), b"s"].concat();
+    if k > 0 {
+        field.extend_from_slice(&k.to_be_bytes());
+    }
+    field
 }
 
 /// The stored field of a window's log (by the window's prefix).
@@ -1033,6 +1075,47 @@ mod tests {
         let fields = hash.0.len();
         assert!(fields < 40, "old logs are removed with each snapshot: {fields} fields");
         assert!(largest < 40_000, "stored state bounded: {largest} bytes");
+    }
+
+    /// A snapshot larger than a piece is stored in several, each within
+    /// the bound, that restore to the same windows; a later, smaller
+    /// snapshot removes the pieces it no longer has.
+    #[test]
+    fn a_large_snapshot_is_stored_in_bounded_pieces() {
+        let f = [Func::CountAll, Func::Sum];
+        let size = std::time::Duration::from_secs(100);
+        let mut w = Windows::new(size);
+        w.make_durable(*b"windows_");
+        let d = w.durable.as_mut().unwrap();
+        d.snapshot_piece = 500;
+        d.snapshot_min = 0;
+        let mut hash = Hash::default();
+        let mut out = Vec::new();
+        for k in 0..300i64 {
+            w.add(Key::Int(k), 0, k * 1000, &[None, Some(k as f64)], &f, &mut out);
+        }
+        w.sweep();
+        hash.apply(w.changes(f.len()));
+        let pieces: Vec<usize> =
+            hash.0.iter().filter(|((_, f), _)| f[8] == b's').map(|(_, v)| v.len()).collect();
+        assert!(pieces.len() > 5, "{pieces:?}");
+        assert!(pieces.iter().all(|n| *n <= 500 + 12 + 64), "{pieces:?}");
+        let (mut back, keys) = hash.restore(size, f.len());
+        assert_eq!(keys, 300);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        w.clone().add(Key::Int(7), 0, 300_000, &[None, Some(1.0)], &f, &mut a);
+        back.add(Key::Int(7), 0, 300_000, &[None, Some(1.0)], &f, &mut b);
+        assert_eq!(a, b);
+        // Most keys age out: the next snapshot is one piece, and the others go.
+        for i in 0..400i64 {
+            w.add(Key::Int(1), 0, 200_000_000 + i, &[None, Some(1.0)], &f, &mut out);
+            w.sweep();
+            hash.apply(w.changes(f.len()));
+        }
+        let left = hash.0.iter().filter(|((_, f), _)| f[8] == b's').count();
+        assert_eq!(left, 1, "the pieces past the new snapshot's removed");
+        let (_, keys) = hash.restore(size, f.len());
+        assert_eq!(keys, w.keys());
     }
 
     /// A snapshot does not remove the logs it replaces all in its own

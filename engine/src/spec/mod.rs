@@ -113,6 +113,28 @@ const TOP_KEYS: &[&str] = &[
     "tests",
 ];
 
+/// The bounds of micro-batching: a batch that never ends, or of one row
+/// per read, is a mistake.
+fn batch_limits(b: &BatchSpec) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(n) = b.max_rows {
+        if !(1..=1_000_000).contains(&n) {
+            out.push(format!("'max_rows: {n}' must be between 1 and 1000000"));
+        }
+    }
+    if let Some(w) = &b.max_wait {
+        if w.get() > std::time::Duration::from_secs(60) {
+            out.push(format!("'max_wait: {}' is more than 60s", humantime::format_duration(w.get())));
+        }
+    }
+    if let Some(n) = b.max_bytes {
+        if !(1024..=1 << 30).contains(&n) {
+            out.push(format!("'max_bytes: {n}' must be between 1024 and 1073741824"));
+        }
+    }
+    out
+}
+
 /// Reads a pipeline file; all problems come back together in `Error::Invalid`.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Spec> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -443,8 +465,13 @@ impl Loader {
     fn common(&mut self, node: &Node, what: &str) -> (Option<String>, Option<BatchSpec>) {
         let Some(map) = node.as_mapping() else { return (None, None) };
         let description = self.optional::<String>(map, "description");
-        let batch =
-            map.get("batch").filter(|b| !is_empty(b)).and_then(|b| self.r.read(b, &format!("{what}: batch")));
+        let node = map.get("batch").filter(|b| !is_empty(b));
+        let batch: Option<BatchSpec> = node.and_then(|b| self.r.read(b, &format!("{what}: batch")));
+        if let (Some(b), Some(n)) = (&batch, node) {
+            for problem in batch_limits(b) {
+                self.r.error(node_pos(n), format!("{what}: batch: {problem}"));
+            }
+        }
         (description, batch)
     }
 

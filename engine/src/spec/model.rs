@@ -163,6 +163,10 @@ pub struct BatchSpec {
     /// Emit a batch once its first row has waited this long (`250ms`, `1s`).
     #[serde(default)]
     pub max_wait: Option<Duration>,
+    /// Emit a batch once its messages reach this many bytes (default
+    /// 33554432, 32 MiB): what one batch and one read hold is bounded.
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
 }
 
 /// Incremental reading by a monotonically increasing column.
@@ -210,6 +214,11 @@ pub struct ColumnLong {
     /// Dotted path in the document (MongoDB, JSON); defaults to the column name.
     #[serde(default)]
     pub path: Option<String>,
+    /// A `float64` column that takes NaN and the infinities (the JSON
+    /// strings `"NaN"`, `"Infinity"`, `"-Infinity"`, and numbers beyond
+    /// float64's range); without it they are refused.
+    #[serde(default)]
+    pub non_finite: bool,
 }
 
 impl ColumnSpec {
@@ -222,6 +231,10 @@ impl ColumnSpec {
 
     pub fn required(&self) -> bool {
         matches!(self, ColumnSpec::Long(l) if l.required)
+    }
+
+    pub fn non_finite(&self) -> bool {
+        matches!(self, ColumnSpec::Long(l) if l.non_finite)
     }
 
     pub fn path<'a>(&'a self, name: &'a str) -> &'a str {
@@ -241,15 +254,16 @@ impl<'de> Deserialize<'de> for ColumnSpec {
         impl<'de> serde::de::Visitor<'de> for V {
             type Value = ColumnSpec;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a type name or { type, required, path }")
+                f.write_str("a type name or { type, required, path, non_finite }")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ColumnSpec, E> {
                 Ok(ColumnSpec::Type(v.to_string()))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ColumnSpec, A::Error> {
                 use serde::de::Error;
-                const KEYS: &[&str] = &["type", "required", "path"];
-                let mut long = ColumnLong { data_type: String::new(), required: false, path: None };
+                const KEYS: &[&str] = &["type", "required", "path", "non_finite"];
+                let mut long =
+                    ColumnLong { data_type: String::new(), required: false, path: None, non_finite: false };
                 let mut has_type = false;
                 while let Some(key) = map.next_key::<String>()? {
                     match key.as_str() {
@@ -259,6 +273,7 @@ impl<'de> Deserialize<'de> for ColumnSpec {
                         }
                         "required" => long.required = map.next_value()?,
                         "path" => long.path = Some(map.next_value()?),
+                        "non_finite" => long.non_finite = map.next_value()?,
                         other => return Err(A::Error::unknown_field(other, KEYS)),
                     }
                 }

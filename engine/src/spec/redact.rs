@@ -58,9 +58,33 @@ pub fn scrub(text: &str) -> String {
 
 fn mask(text: &str, secrets: &[String]) -> String {
     let mut out = text.to_string();
-    for s in secrets.iter().filter(|s| s.len() >= 3) {
-        out = out.replace(s.as_str(), "***");
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        out = if s.len() >= 3 { out.replace(s.as_str(), "***") } else { mask_word(&out, s) };
     }
+    out
+}
+
+/// `text` with `secret` replaced where it stands as a word of its own (not
+/// beside a letter or digit): a password of one or two characters would
+/// otherwise be masked inside every other word.
+fn mask_word(text: &str, secret: &str) -> String {
+    let word = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while let Some(i) = text[at..].find(secret).map(|i| at + i) {
+        let before = text[..i].chars().next_back();
+        let after = text[i + secret.len()..].chars().next();
+        let rest = &text[at..];
+        let i = i - at;
+        out.push_str(&rest[..i]);
+        if word(before) || word(after) {
+            out.push_str(secret);
+        } else {
+            out.push_str("***");
+        }
+        at += i + secret.len();
+    }
+    out.push_str(&text[at..]);
     out
 }
 
@@ -155,5 +179,17 @@ mod tests {
         );
         assert_eq!(url_secrets("postgres://app:p%40ss@db/x"), vec!["p@ss".to_string(), "p%40ss".to_string()]);
         assert_eq!(url_secrets("redis://h/?token=abc"), vec!["abc".to_string()]);
+    }
+
+    /// A password of one or two characters is masked where it stands as a
+    /// word of its own, and left alone inside other words.
+    #[test]
+    fn short_passwords_are_masked_too() {
+        let secrets = Secrets(url_secrets("postgres://app:x9@db:5432/dwh"));
+        assert_eq!(
+            secrets.scrub("connection 'dwh' (postgres://app:x9@db:5432/dwh): password x9 refused"),
+            "connection 'dwh' (postgres://app:***@db:5432/dwh): password *** refused"
+        );
+        assert_eq!(secrets.scrub("tx9 and x99 are other words"), "tx9 and x99 are other words");
     }
 }

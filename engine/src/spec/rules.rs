@@ -78,6 +78,12 @@ pub struct Rule {
     pub mode: RuleMode,
 }
 
+/// The largest window a rule may have (7d): its state keeps every event within it.
+pub const MAX_WINDOW: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// The longest a rule may hold events for event-time order (1h).
+pub const MAX_LATENESS: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// How late an event may arrive when a rule does not say.
 pub const DEFAULT_LATENESS: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -236,20 +242,40 @@ fn check_rule(rule: &Rule, r: &mut Reader) {
         r.error(rule.when.pos(), format!("rule '{id}': bad 'when' expression: {}", sql::short(e)));
     }
     if let Some(w) = &rule.window {
-        if humantime::parse_duration(w.size.value()).is_err() {
-            r.error(
+        match humantime::parse_duration(w.size.value()) {
+            Err(_) => r.error(
                 w.size.pos(),
                 format!("rule '{id}': bad window size '{}'; write e.g. 60s, 5m, 1h", w.size.value()),
-            );
+            ),
+            Ok(size) if size > MAX_WINDOW => r.error(
+                w.size.pos(),
+                format!(
+                    "rule '{id}': window size {} is more than 7d, the largest window (a window keeps every event within it)",
+                    w.size.value()
+                ),
+            ),
+            Ok(size) if size.is_zero() => {
+                r.error(w.size.pos(), format!("rule '{id}': window size {} is empty", w.size.value()))
+            }
+            Ok(_) => {}
         }
         if w.by.is_empty() {
             r.error(w.size.pos(), format!("rule '{id}': 'window.by' needs at least one key column"));
         }
         if let Some(l) = &w.allowed_lateness {
-            if humantime::parse_duration(l.value()).is_err() {
+            let lateness = humantime::parse_duration(l.value());
+            if lateness.is_err() {
                 r.error(
                     l.pos(),
                     format!("rule '{id}': bad allowed_lateness '{}'; write e.g. 0s, 2s, 1m", l.value()),
+                );
+            } else if lateness.as_ref().is_ok_and(|l| *l > MAX_LATENESS) {
+                r.error(
+                    l.pos(),
+                    format!(
+                        "rule '{id}': allowed_lateness {} is more than 1h, the longest events are held for order",
+                        l.value()
+                    ),
                 );
             } else if w.time.is_none() {
                 r.error(

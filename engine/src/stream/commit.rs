@@ -25,6 +25,8 @@ pub(super) struct Commit {
     pub(super) first_at: Instant,
     /// The window state the batch changed, saved with its acknowledgement.
     pub(super) state: State,
+    /// Rows a transform failed on, for the dead letter before the acknowledgement.
+    pub(super) refused: Vec<Refused>,
 }
 
 /// Writes each batch to every sink, then acknowledges it at the source.
@@ -43,6 +45,9 @@ pub(super) struct Committer {
 /// not yet acknowledged.
 const AHEAD: usize = 64;
 const AHEAD_EVENTS: u64 = 100_000;
+/// And how many bytes of output: large events fill memory long before
+/// [`AHEAD_EVENTS`]. A batch is always taken while none waits.
+pub const AHEAD_BYTES: usize = 64 << 20;
 
 /// The most batches a sink that fell behind writes in one go.
 const COALESCE: usize = 16;
@@ -54,9 +59,15 @@ struct Pending {
     token: Token,
     first_at: Instant,
     state: State,
+    refused: Vec<Refused>,
+    /// Bytes of its outputs.
+    bytes: usize,
     /// Each sink's outcome, as they come.
     outcomes: Vec<Option<std::result::Result<Written, Stop>>>,
 }
+
+/// The batch number of a panicked sink's outcome.
+const PANICKED: u64 = u64::MAX;
 
 /// A sink's outcome for one batch: which sink, which batch.
 type Outcome = (usize, u64, std::result::Result<Written, Stop>);
@@ -79,20 +90,37 @@ impl Committer {
         for (i, sink) in std::mem::take(&mut self.sinks).into_iter().enumerate() {
             let (tx, rx) = mpsc::channel::<(u64, Vec<RecordBatch>)>(AHEAD);
             ids.push((sink.id.clone(), sink.input.clone()));
-            tokio::spawn(lane(i, sink, rx, done_tx.clone(), stop.clone()));
+            let (id, done) = (sink.id.clone(), done_tx.clone());
+            let run = lane(i, sink, rx, done_tx.clone(), stop.clone());
+            tokio::spawn(async move {
+                // A sink that panics (a bug) stops the stream with an
+                // error naming it; unnoticed, its batches would wait for ever.
+                use futures::FutureExt;
+                if let Err(panic) = std::panic::AssertUnwindSafe(run).catch_unwind().await {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    let e = crate::error::Error::Internal(format!("sink '{id}' panicked: {what}"));
+                    let _ = done.send((i, PANICKED, Err(Stop::Fatal(e)))).await;
+                }
+            });
             lanes.push(tx);
         }
         drop(done_tx);
         let mut queue: std::collections::VecDeque<Pending> = Default::default();
         let mut next_seq = 0u64;
-        // Events of the batches in `queue`.
+        // Events and output bytes of the batches in `queue`.
         let mut ahead = 0u64;
+        let mut ahead_bytes = 0usize;
         let mut open = true;
         loop {
             // The oldest batch, once every sink wrote it, is acknowledged.
             while queue.front().is_some_and(|p| p.outcomes.iter().all(Option::is_some)) {
                 let Some(p) = queue.pop_front() else { break };
                 ahead -= p.events;
+                ahead_bytes -= p.bytes;
                 let left = queue.len() + batches.len();
                 match self.settle(p, &ids, &stop).await {
                     Ok(()) => {}
@@ -107,22 +135,25 @@ impl Committer {
                 return (self.summary, Ok(()));
             }
             tokio::select! {
-                c = batches.recv(), if open && queue.len() < AHEAD && ahead < AHEAD_EVENTS => match c {
+                c = batches.recv(), if open && queue.len() < AHEAD && ahead < AHEAD_EVENTS && (queue.is_empty() || ahead_bytes < AHEAD_BYTES) => match c {
                     Some(c) => {
-                        let Commit { outputs, events, token, first_at, state } = c;
+                        let Commit { outputs, events, token, first_at, state, refused } = c;
                         let seq = next_seq;
                         next_seq += 1;
+                        let bytes: usize = outputs.values().flatten().map(RecordBatch::get_array_memory_size).sum();
                         for ((_, input), lane) in ids.iter().zip(&lanes) {
                             let rows = outputs.get(input).cloned().unwrap_or_default();
                             // A lane ends only after reporting a fatal outcome, which ends this loop first.
                             let _ = lane.send((seq, rows)).await;
                         }
                         ahead += events;
-                        queue.push_back(Pending { seq, events, token, first_at, state, outcomes: (0..lanes.len()).map(|_| None).collect() });
+                        ahead_bytes += bytes;
+                        queue.push_back(Pending { seq, events, token, first_at, state, refused, bytes, outcomes: (0..lanes.len()).map(|_| None).collect() });
                     }
                     None => open = false,
                 },
                 o = done.recv(), if !queue.is_empty() => match o {
+                    Some((_, PANICKED, Err(Stop::Fatal(e)))) => return (self.summary, Err(e)),
                     Some((sink, seq, outcome)) => {
                         if let Some(p) = queue.iter_mut().find(|p| p.seq == seq) {
                             p.outcomes[sink] = Some(outcome);
@@ -143,7 +174,7 @@ impl Committer {
         ids: &[(String, String)],
         stop: &watch::Receiver<bool>,
     ) -> std::result::Result<(), Option<crate::error::Error>> {
-        let mut refused: Vec<Refused> = Vec::new();
+        let mut refused: Vec<Refused> = p.refused;
         for ((id, _), outcome) in ids.iter().zip(p.outcomes) {
             let w = match outcome {
                 Some(Ok(w)) => w,
@@ -247,5 +278,64 @@ async fn lane(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connectors::{NoAck, StreamSink};
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    struct Panics;
+    struct Takes;
+
+    #[async_trait::async_trait]
+    impl StreamSink for Panics {
+        async fn write(&mut self, _: &[RecordBatch]) -> Result<Written> {
+            panic!("a bug in a sink");
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl StreamSink for Takes {
+        async fn write(&mut self, batches: &[RecordBatch]) -> Result<Written> {
+            Ok(Written::all(batches.iter().map(|b| b.num_rows() as u64).sum()))
+        }
+    }
+
+    /// A sink task that panics ends the stream with an error naming the
+    /// sink, while another sink goes on: it does not wait for ever.
+    #[tokio::test]
+    async fn a_sink_that_panics_stops_the_stream_with_an_error_not_a_stall() {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let committer = Committer {
+            sinks: vec![SinkOp::of("bad", "out", Box::new(Panics)), SinkOp::of("good", "out", Box::new(Takes))],
+            acker: Box::new(NoAck),
+            summary: Summary::default(),
+            last_report: Instant::now(),
+            last_events: 0,
+            events: Arc::default(),
+            stop: Arc::new(stop_tx),
+            max_events: None,
+        };
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![1]))]).expect("a batch");
+        let (tx, rx) = mpsc::channel(2);
+        let commit = Commit {
+            outputs: HashMap::from([("out".to_string(), vec![batch])]),
+            events: 1,
+            token: Token::none(),
+            first_at: Instant::now(),
+            state: State::default(),
+            refused: Vec::new(),
+        };
+        assert!(tx.send(commit).await.is_ok());
+        let ran = tokio::time::timeout(std::time::Duration::from_secs(10), committer.run(rx, stop_rx)).await;
+        let (_, outcome) = ran.expect("the committer ends rather than waiting for the panicked sink");
+        let e = outcome.expect_err("an error");
+        assert!(e.to_string().contains("sink 'bad'") && e.to_string().contains("panicked"), "{e}");
+        drop(tx);
     }
 }

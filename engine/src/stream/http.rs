@@ -29,11 +29,13 @@ impl Health {
         let (rules, lookups) = (statuses(&self.rules), statuses(&self.lookups));
         let failing = self.rules.iter().any(|(_, st)| st.lock().is_ok_and(|s| s.last_error.is_some()));
         let stale = self.lookups.iter().any(|(_, st)| st.lock().is_ok_and(|s| s.last_error.is_some()));
-        let status = match (connected, failing, stale) {
-            (false, _, _) => "source disconnected",
-            (true, true, _) => "rules reload failed",
-            (true, false, true) => "lookup refresh failed",
-            (true, false, false) => "ok",
+        let erring = self.rules.iter().any(|(_, st)| st.lock().is_ok_and(|s| s.failing_on_events()));
+        let status = match (connected, failing, stale, erring) {
+            (false, ..) => "source disconnected",
+            (true, true, ..) => "rules reload failed",
+            (true, false, true, _) => "lookup refresh failed",
+            (true, false, false, true) => "rules failing on events",
+            (true, false, false, false) => "ok",
         };
         let body = serde_json::json!({
             "status": status,
@@ -87,10 +89,49 @@ pub async fn serve(addr: SocketAddr, metrics: PrometheusHandle, health: Arc<Heal
             std::future::ready((code, [(header::CONTENT_TYPE, "application/json")], body))
         }),
     );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("metrics server stopped: {e}");
-        }
-    });
+    tokio::spawn(accept(listener, app));
     Ok(bound)
+}
+
+/// Connections served at once; more are closed as they come.
+const MAX_CONNECTIONS: usize = 64;
+/// A request's head must arrive within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection ends after this, whatever it is doing.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves connections one request each, at most [`MAX_CONNECTIONS`] at
+/// once, each with a deadline: idle or slow clients (hundreds of open
+/// sockets, a header sent a byte a minute) cannot use up the process's
+/// file descriptors or memory. `axum::serve` has no such limits, hence
+/// hyper's connection builder here.
+async fn accept(listener: tokio::net::TcpListener, app: axum::Router) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (socket, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                tracing::warn!("metrics server: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("engine_metrics_connections_refused_total").increment(1);
+            drop(socket);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(socket);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(io, service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            drop(permit);
+        });
+    }
 }

@@ -74,6 +74,20 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
         .get(&source_id)
         .cloned()
         .ok_or_else(|| Error::Usage(format!("source '{source_id}': its schema must be declared")))?;
+    // A shard that reads nothing is the user's mistake: said before any
+    // connection is made.
+    if let Some((i, n)) = opts.shard {
+        let Some((partitions, _)) = source.settings.partitions() else {
+            return Err(Error::Usage(format!(
+                "--shard {i}/{n}: source '{source_id}' has no partitions to share (a redis stream with a group has)"
+            )));
+        };
+        if i >= partitions {
+            return Err(Error::Usage(format!(
+                "--shard {i}/{n}: source '{source_id}' has {partitions} partitions, and shard {i} of {n} reads the partitions p with p mod {n} = {i}: none"
+            )));
+        }
+    }
     crate::connectors::postgres::migrate_spec(&plan.spec).await?;
     let handle = http::recorder();
     let ctx = crate::transform::sql::session(crate::transform::sql::Purpose::Stream);
@@ -107,18 +121,6 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
         let bound = http::serve(addr, handle, health).await?;
         tracing::info!("metrics on http://{bound}/metrics, health on http://{bound}/health");
     }
-    if let Some((i, n)) = opts.shard {
-        let Some((partitions, _)) = source.settings.partitions() else {
-            return Err(Error::Usage(format!(
-                "--shard {i}/{n}: source '{source_id}' has no partitions to share (a redis stream with a group has)"
-            )));
-        };
-        if i >= partitions {
-            return Err(Error::Usage(format!(
-                "--shard {i}/{n}: source '{source_id}' has {partitions} partitions, and shard {i} of {n} reads the partitions p with p mod {n} = {i}: none"
-            )));
-        }
-    }
     let Some(opener) = registry::stream_source(source.kind, source.settings.as_ref()) else {
         return Err(Error::Usage(format!(
             "source '{source_id}': {} sources run with `engine run`",
@@ -151,6 +153,17 @@ pub async fn run(plan: &Plan, opts: StreamOptions) -> Result<Summary> {
             .await
             .map_err(|e| Error::External { system: format!("source '{source_id}'"), message: e })?;
         let restored = ex.restore(crate::plan::validate::partitioned(&plan.spec), &saved);
+        metrics::counter!("engine_window_state_missing_total", "source" => source_id.clone()).increment(0);
+        if ex.windowed() {
+            for stream in acker.missing_state() {
+                metrics::counter!("engine_window_state_missing_total", "source" => source_id.clone()).increment(1);
+                tracing::warn!(
+                    source = %source_id,
+                    "window state of '{stream}' is missing, though its group has read entries before: \
+                     its windows start empty (was the key deleted, or evicted by the server's maxmemory-policy?)"
+                );
+            }
+        }
         if restored.keys > 0 {
             let ms = started.elapsed().as_millis();
             tracing::info!(source = %source_id, "window state of {} keys restored in {ms} ms", restored.keys);
@@ -255,7 +268,8 @@ async fn step(
     let events = batch.num_rows() as u64;
     let outputs = ex.batch(source_id, batch, flush).await.map_err(Some)?;
     let state = ex.changes().map_err(Some)?;
-    commit_tx.send(Commit { outputs, events, token, first_at, state }).await.map_err(|_| None)
+    let refused = std::mem::take(&mut ex.refused);
+    commit_tx.send(Commit { outputs, events, token, first_at, state, refused }).await.map_err(|_| None)
 }
 
 /// Reads a stopped source to its end, dropping what it hands over.

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
@@ -14,7 +13,7 @@ use petgraph::Direction;
 
 use super::sinks::SinkOp;
 use crate::connectors::redis::partition;
-use crate::connectors::{State, StateWrite};
+use crate::connectors::{Refused, State, StateWrite};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 use crate::rules::eval::{CompiledRules, RuleState, Step};
@@ -108,7 +107,7 @@ impl RulesOp {
         let now = std::time::Instant::now();
         for (s, value, (prefix, key)) in fields() {
             let Some(seq) = (prefix == &held).then(|| Held::stored_rows(key)).flatten() else { continue };
-            match self.state.held.restore_rows(s.partition, seq, value, |b| current.timed(b), now) {
+            match self.state.held.restore_rows(s.partition, key, seq, value, |b| current.timed(b), now) {
                 Ok(n) => restored.held += n,
                 Err(e) => tracing::warn!(node = %self.id, "held rows of batch {seq} left out: {e}"),
             }
@@ -121,9 +120,8 @@ impl RulesOp {
         if self.durable.is_none() {
             return Ok(());
         }
-        for (sig, stride, size) in self.current.window_signatures() {
+        for (sig, stride, _) in self.current.window_signatures() {
             let Some(w) = self.state.windows.get_mut(sig) else { continue };
-            state.keep_for = state.keep_for.max(size + Duration::from_secs(24 * 3600));
             state.writes.extend(w.changes(stride).into_iter().map(|c| StateWrite {
                 partition: c.partition,
                 field: c.field,
@@ -149,7 +147,8 @@ impl RulesOp {
         Ok(())
     }
 
-    fn run(&mut self, input: &[RecordBatch], step: Step) -> Result<RecordBatch> {
+    /// Runs a batch; events a rule failed on are added to `refused`.
+    fn run(&mut self, input: &[RecordBatch], step: Step, refused: &mut Vec<Refused>) -> Result<RecordBatch> {
         if let Some(w) = &mut self.watching {
             if w.rules.has_changed().unwrap_or(false) {
                 let next = w.rules.borrow_and_update().clone();
@@ -172,10 +171,25 @@ impl RulesOp {
             }
             _ => None,
         };
-        let (alerts, hits) = self
+        let evaluated = self
             .current
             .evaluate(&batch, &mut self.state, now_us(), partitions.as_deref(), step)
             .map_err(|e| Error::External { system: format!("transform '{}'", self.id), message: e })?;
+        let (alerts, hits) = (evaluated.alerts, evaluated.hits);
+        for f in evaluated.failures {
+            metrics::counter!("engine_rule_errors_total", "node" => self.id.clone(), "rule" => f.rule.clone())
+                .increment(1);
+            if let Some(w) = &self.watching {
+                w.status.lock().unwrap_or_else(|e| e.into_inner()).event_error(&f.rule, &f.message);
+            }
+            tracing::warn!(node = %self.id, rule = %f.rule, "the rule failed on an event (to the dead letter): {}", f.message);
+            let row = crate::connectors::codec::json_rows(&[f.row]).map_err(Error::Internal)?;
+            refused.extend(row.into_iter().map(|row| Refused {
+                node: self.id.clone(),
+                row,
+                reason: format!("rule '{}' of transform '{}' failed on this event: {}", f.rule, self.id, f.message),
+            }));
+        }
         for h in hits {
             if h.late > 0 {
                 metrics::counter!("engine_late_events_total", "node" => self.id.clone(), "rule" => h.rule.clone())
@@ -199,6 +213,7 @@ impl RulesOp {
         for r in &self.current.rules {
             metrics::counter!("engine_rule_hits_total", "node" => node(), "rule" => r.id.clone(), "mode" => r.mode.label())
                 .increment(0);
+            metrics::counter!("engine_rule_errors_total", "node" => node(), "rule" => r.id.clone()).increment(0);
             if r.holds() {
                 metrics::counter!("engine_late_events_total", "node" => node(), "rule" => r.id.clone())
                     .increment(0);
@@ -245,6 +260,8 @@ pub(super) struct Executor {
     /// The next batch's sequence number: rows of equal event time count in
     /// the order they were read, over restarts too (it starts at the clock).
     pub(super) seq: u64,
+    /// Rows a transform failed on since the last batch was handed on.
+    pub(super) refused: Vec<Refused>,
 }
 
 impl Executor {
@@ -255,12 +272,15 @@ impl Executor {
                     r.register_metrics();
                     &r.id
                 }
-                Op::Sql(s) => &s.id,
+                Op::Sql(s) => {
+                    metrics::counter!("engine_transform_errors_total", "node" => s.id.clone()).increment(0);
+                    &s.id
+                }
             };
             metrics::counter!("engine_events_in_total", "node" => id.clone()).increment(0);
             metrics::counter!("engine_events_out_total", "node" => id.clone()).increment(0);
         }
-        Self { ops, lookups, seq: now_us().max(0) as u64 }
+        Self { ops, lookups, seq: now_us().max(0) as u64, refused: Vec::new() }
     }
 
     /// Makes every rules transform's windows durable, from the state saved
@@ -275,6 +295,11 @@ impl Executor {
             }
         }
         restored
+    }
+
+    /// Whether a rules transform has windowed rules.
+    pub(super) fn windowed(&self) -> bool {
+        self.ops.iter().any(|op| matches!(op, Op::Rules(r) if !r.state.windows.is_empty()))
     }
 
     /// Rows the rules hold for event-time order.
@@ -321,17 +346,23 @@ impl Executor {
             let (id, rows_in, out) = match op {
                 Op::Rules(r) => {
                     let input = outputs.get(&r.input).cloned().unwrap_or_default();
-                    let out = r.run(&input, step)?;
+                    let out = r.run(&input, step, &mut self.refused)?;
                     (r.id.clone(), rows(&input), vec![out])
                 }
                 Op::Sql(s) => {
                     let mut rows_in = 0;
+                    let mut inputs = Vec::with_capacity(s.inputs.len());
                     for (name, slot) in &s.inputs {
                         let input = outputs.get(name).cloned().unwrap_or_default();
                         rows_in += rows(&input);
-                        slot.set(input);
+                        slot.set(input.clone());
+                        inputs.push(input);
                     }
-                    (s.id.clone(), rows_in, s.run().await?)
+                    let out = match s.run().await {
+                        Ok(out) => out,
+                        Err(e) => narrow(s, inputs, e, &mut self.refused).await?,
+                    };
+                    (s.id.clone(), rows_in, out)
                 }
             };
             tracing::debug!(node = %id, "{rows_in} rows in, {} out", rows(&out));
@@ -341,6 +372,57 @@ impl Executor {
         }
         Ok(outputs)
     }
+}
+
+/// A SQL transform that failed on a batch (a division by zero, a failed
+/// cast) runs again on halves of its first input with rows until the rows
+/// it fails on are found: those are refused, for the dead letter, and the
+/// output of the others goes on. A few runs per bad row; a transform
+/// without rows to narrow fails the stream as before.
+async fn narrow(
+    s: &SqlOp,
+    mut inputs: Vec<Vec<RecordBatch>>,
+    error: Error,
+    refused: &mut Vec<Refused>,
+) -> Result<Vec<RecordBatch>> {
+    let Some(k) = inputs.iter().position(|i| rows(i) > 0) else { return Err(error) };
+    let first = std::mem::take(&mut inputs[k]);
+    let all = concat_batches(&first[0].schema(), &first).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut out = Vec::new();
+    let mut bad = 0u64;
+    // Ranges to run, the next on top (rows stay in their order), with
+    // their outcome where it is known: the whole batch failed.
+    let mut todo = vec![(0, all.num_rows(), Some(error.to_string()))];
+    while let Some((start, len, known)) = todo.pop() {
+        let outcome = match known {
+            Some(e) => Err(e),
+            None => {
+                s.inputs[k].1.set(vec![all.slice(start, len)]);
+                s.run().await.map_err(|e| e.to_string())
+            }
+        };
+        match outcome {
+            Ok(batches) => out.extend(batches),
+            Err(e) if len <= 1 => {
+                bad += 1;
+                let row = crate::connectors::codec::json_rows(&[all.slice(start, 1)]).map_err(Error::Internal)?;
+                tracing::warn!(node = %s.id, "the transform failed on a row (to the dead letter): {e}");
+                refused.extend(row.into_iter().map(|row| Refused {
+                    node: s.id.clone(),
+                    row,
+                    reason: format!("transform '{}' failed on this row: {e}", s.id),
+                }));
+            }
+            Err(_) => {
+                let half = len / 2;
+                todo.push((start + half, len - half, None));
+                todo.push((start, half, None));
+            }
+        }
+    }
+    s.inputs[k].1.set(Vec::new());
+    metrics::counter!("engine_transform_errors_total", "node" => s.id.clone()).increment(bad);
+    Ok(out)
 }
 
 fn rows(batches: &[RecordBatch]) -> u64 {

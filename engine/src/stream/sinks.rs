@@ -42,6 +42,12 @@ impl SinkOp {
         Ok(Self { id: id.to_string(), input: sink.input().value().clone(), sink: sink_op, schema })
     }
 
+    /// A sink of the given kind, for the committer's tests.
+    #[cfg(test)]
+    pub(super) fn of(id: &str, input: &str, sink: Box<dyn StreamSink>) -> Self {
+        Self { id: id.to_string(), input: input.to_string(), sink, schema: None }
+    }
+
     /// Readies the sink for its first write where the input's schema is
     /// known: a PostgreSQL sink connects and checks its table, which took
     /// its first alert about 100 ms (and every batch behind it waited).

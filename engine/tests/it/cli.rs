@@ -283,3 +283,20 @@ fn every_spec_and_rule_file_is_valid_against_engine_schema() {
         assert!(!pipelines.is_valid(&doc), "the schema takes:\n{bad}");
     }
 }
+
+/// `engine schema | head`: a reader that stops early ends the output
+/// quietly, as command-line tools do, not with a panic.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_engine"))
+        .arg("schema")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("engine runs");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("engine exits");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}

@@ -177,3 +177,60 @@ fn no_server_at_all_is_an_outage_tried_again_then_reported() {
     assert!(stderr.contains(&format!("sink 'hook' (http 127.0.0.1:{port})")), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
 }
+
+/// Every request a server got: its method, path and headers.
+type Seen = Arc<Mutex<Vec<(String, String, HeaderMap)>>>;
+
+/// A server on a free loopback port answering every request with `status`
+/// (and `location`, if given), keeping what it was sent.
+fn recording(status: u16, location: Option<String>) -> (Seen, u16) {
+    let seen: Seen = Arc::default();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let app = axum::Router::new().fallback(
+                move |method: axum::http::Method, uri: axum::http::Uri, headers: HeaderMap| {
+                    s.lock().expect("lock").push((method.to_string(), uri.path().to_string(), headers));
+                    let mut answer = axum::http::Response::builder().status(status);
+                    if let Some(l) = &location {
+                        answer = answer.header("location", l.as_str());
+                    }
+                    std::future::ready(answer.body(axum::body::Body::empty()).expect("a response"))
+                },
+            );
+            let _ = axum::serve(listener, app).await;
+        });
+    });
+    (seen, port)
+}
+
+#[test]
+fn a_redirect_is_not_followed_and_its_rows_are_not_counted_delivered() {
+    let dir = scratch("http-redirect");
+    let (elsewhere, other) = recording(200, None);
+    let (hook, port) = recording(302, Some(format!("http://127.0.0.1:{other}/collect")));
+    let source = "{ type: generate, rows: 3, columns: { id: n } }";
+    let sink = "    dead_letter: refused.jsonl\n";
+    let text_spec = spec("batch", source, sink).replace(
+        "headers: { Authorization: \"Bearer {{ env.HOOK_TOKEN }}\" }",
+        "headers: { X-Api-Key: \"{{ env.HOOK_TOKEN }}\" }",
+    );
+    std::fs::write(dir.join("hook.yaml"), text_spec).expect("spec");
+    let port_s = port.to_string();
+    let env = [("HOOK_PORT", port_s.as_str()), ("HOOK_SECRET", "s3cret"), ("HOOK_TOKEN", "key-9")];
+    let out = engine_env(&dir, &["run", "hook.yaml"], &env);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(hook.lock().expect("lock").len(), 1, "one request, answered 302");
+    assert!(elsewhere.lock().expect("lock").is_empty(), "nothing, and no X-Api-Key, went to the other host");
+    let refused = std::fs::read_to_string(dir.join("refused.jsonl")).expect("a dead letter file");
+    let line: Value = serde_json::from_str(refused.lines().next().expect("a line")).expect("json line");
+    assert_eq!(line["status"], 302, "{refused}");
+    assert_eq!(line["rows"].as_array().map(Vec::len), Some(3), "{refused}");
+    assert!(stderr.contains("redirect"), "{stderr}");
+}

@@ -4,6 +4,7 @@
 mod cli;
 mod commit_order;
 mod golden;
+mod hostile;
 mod http;
 mod layering;
 mod lookup;

@@ -133,3 +133,32 @@ fn slow_statements_stay_out_of_a_runs_output() {
     assert_eq!(psql(&db, "SELECT count(*) FROM t").trim(), "4");
     assert!(!err.contains("slow statement"), "{err}");
 }
+
+/// An unconstrained `numeric` is read at 10 places unless the source
+/// declares its type: a value with more places is an error naming the
+/// column and the value, never rounded; declared, it is read exactly.
+#[test]
+fn a_numeric_with_more_places_than_it_is_read_at_is_an_error_not_a_rounding() {
+    let db = database("numeric_places");
+    psql(&db, "CREATE TABLE t (id int8, v numeric); INSERT INTO t VALUES (1, 1.5), (2, 0.12345678901234)");
+    let dir = std::env::temp_dir().join(format!("engine-pg-numeric-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("dir");
+    let spec = |schema: &str| {
+        format!(
+            "version: 1\nname: places\nconnections:\n  db: {{ type: postgres, url: \"{}/{db}\" }}\nsources:\n  t: {{ connection: db, query: \"SELECT * FROM t ORDER BY id\"{schema} }}\nsinks:\n  out: {{ input: t, type: file, path: out.csv, format: csv }}\n",
+            server()
+        )
+    };
+    fs::write(dir.join("p.yaml"), spec("")).expect("spec");
+    let out = engine(&dir, &["run", "p.yaml"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("column 'v'") && err.contains("0.12345678901234") && err.contains("10 decimal places"), "{err}");
+    assert!(!dir.join("out.csv").exists());
+    fs::write(dir.join("p.yaml"), spec(", schema: { id: int64, v: \"decimal(30,14)\" }")).expect("spec");
+    let out = engine(&dir, &["run", "p.yaml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let csv = fs::read_to_string(dir.join("out.csv")).expect("csv");
+    assert!(csv.contains("2,0.12345678901234"), "{csv}");
+}

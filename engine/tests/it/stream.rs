@@ -28,7 +28,7 @@ pub(super) fn event(id: i64, customer: i64, amount: f64, currency: &str) -> Stri
     )
 }
 
-fn xadd(c: &mut redis::Connection, stream: &str, payload: &str) {
+pub(super) fn xadd(c: &mut redis::Connection, stream: &str, payload: &str) {
     redis::cmd("XADD").arg(stream).arg("*").arg("payload").arg(payload).query::<String>(c).expect("XADD");
 }
 
@@ -97,6 +97,12 @@ impl Setup {
         Self { dir, db, stream, spec: path, redis_url: redis_url(), dwh_url }
     }
 
+    /// Edits the spec: each `(from, to)` replaced; `from` must be there.
+    pub(super) fn edit(&self, edits: &[(&str, String)]) {
+        let text = std::fs::read_to_string(&self.spec).expect("spec");
+        std::fs::write(&self.spec, replaced(text, edits)).expect("write spec");
+    }
+
     pub(super) fn start(&self, args: &[&str]) -> Child {
         static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let run = RUNS.fetch_add(1, Ordering::SeqCst);
@@ -123,7 +129,7 @@ impl Setup {
         out.lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
     }
 
-    fn alerts(&self) -> usize {
+    pub(super) fn alerts(&self) -> usize {
         let exists = psql(&self.db, "SELECT to_regclass('fraud_alerts') IS NOT NULL");
         if exists.trim() != "t" {
             return 0;
@@ -131,7 +137,7 @@ impl Setup {
         psql(&self.db, "SELECT count(*) FROM fraud_alerts").trim().parse().expect("count")
     }
 
-    fn pending(&self) -> i64 {
+    pub(super) fn pending(&self) -> i64 {
         let reply: redis::Value =
             redis::cmd("XPENDING").arg(&self.stream).arg("fraud").query(&mut redis()).expect("XPENDING");
         match reply {
@@ -168,7 +174,7 @@ pub(super) fn stop(mut child: Child) -> i32 {
 }
 
 /// Events `first..first+n`, every 7th above 2000; returns the expected alert ids.
-fn produce(stream: &str, first: i64, n: i64) -> BTreeSet<String> {
+pub(super) fn produce(stream: &str, first: i64, n: i64) -> BTreeSet<String> {
     let mut c = redis();
     let mut expected = BTreeSet::new();
     let mut pipe = redis::pipe();
@@ -256,14 +262,14 @@ fn sigkill_mid_stream_then_restart_leaves_every_alert_exactly_once() {
 }
 
 /// A TCP proxy to PostgreSQL that can be cut, dropping every connection.
-struct Proxy {
-    port: u16,
+pub(super) struct Proxy {
+    pub(super) port: u16,
     down: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl Proxy {
-    fn start(upstream: &str) -> Self {
+    pub(super) fn start(upstream: &str) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let down = Arc::new(AtomicBool::new(false));
@@ -286,14 +292,14 @@ impl Proxy {
         Self { port, down, open }
     }
 
-    fn cut(&self) {
+    pub(super) fn cut(&self) {
         self.down.store(true, Ordering::SeqCst);
         for s in self.open.lock().expect("lock").drain(..) {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
 
-    fn restore(&self) {
+    pub(super) fn restore(&self) {
         self.down.store(false, Ordering::SeqCst);
     }
 }
@@ -426,7 +432,7 @@ pub(super) fn http_get(port: u16, path: &str) -> String {
     out
 }
 
-fn write_rule(dir: &Path, file: &str, body: &str) {
+pub(super) fn write_rule(dir: &Path, file: &str, body: &str) {
     // Written beside, then renamed in: the watcher never sees half a file.
     let tmp = dir.join(format!(".{file}.tmp"));
     std::fs::write(&tmp, body).expect("write rule");
@@ -549,7 +555,7 @@ fn two_engines_in_one_group_share_the_stream() {
 }
 
 /// Entries of a dead-letter stream: (payload, reason) per letter.
-fn dead_letters(stream: &str) -> Vec<(String, String)> {
+pub(super) fn dead_letters(stream: &str) -> Vec<(String, String)> {
     let letters: Vec<(String, Vec<(String, String)>)> =
         redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query(&mut redis()).expect("XRANGE");
     let field = |fields: &[(String, String)], name: &str| {
@@ -560,7 +566,7 @@ fn dead_letters(stream: &str) -> Vec<(String, String)> {
 
 /// A running engine whose warehouse refuses alerts of $9,000 or more (a
 /// CHECK added once the engine has run its migrations).
-fn refusing(name: &str) -> (Setup, Child) {
+pub(super) fn refusing(name: &str) -> (Setup, Child) {
     let s = Setup::new(name, "stream: $STREAM\n    group: fraud", None);
     let engine = s.start(&[]);
     let migrations = std::fs::read_dir(repo_dir().join("migrations/dwh")).expect("migrations").count();
@@ -606,7 +612,7 @@ fn refusable(ids: std::ops::Range<i64>) -> (Vec<String>, BTreeSet<String>, BTree
     (payloads, loaded, refused)
 }
 
-fn xadd_all(stream: &str, payloads: &[String]) {
+pub(super) fn xadd_all(stream: &str, payloads: &[String]) {
     let mut pipe = redis::pipe();
     for p in payloads {
         pipe.cmd("XADD").arg(stream).arg("*").arg("payload").arg(p).ignore();
@@ -723,7 +729,7 @@ fn the_last_event_of_a_key_wins_within_a_batch() {
 
 /// CRC-32 (IEEE), bit by bit, as Python's `zlib.crc32`: how a producer
 /// outside the engine picks an event's partition.
-fn crc32(bytes: &[u8]) -> u32 {
+pub(super) fn crc32(bytes: &[u8]) -> u32 {
     let mut c = !0u32;
     for &b in bytes {
         c ^= u32::from(b);
@@ -799,7 +805,7 @@ fn produce_amounts(stream: &str, partitions: u32, events: &[(i64, i64, i64)], am
 }
 
 /// Entries pending in the group over every partition of the stream.
-fn pending_partitions(stream: &str, partitions: u32) -> i64 {
+pub(super) fn pending_partitions(stream: &str, partitions: u32) -> i64 {
     (0..partitions)
         .map(|p| {
             let reply: redis::RedisResult<redis::Value> =

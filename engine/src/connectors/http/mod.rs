@@ -51,7 +51,11 @@ struct Endpoint {
 impl Endpoint {
     fn new(node: Node<'_>, s: &HttpSink) -> Result<Self> {
         let timeout = s.timeout.as_ref().map_or(Duration::from_secs(10), |t| t.get());
+        // A redirect is not followed: reqwest would turn a 302'd POST into
+        // a GET (the rows unsent, yet counted delivered) and could carry
+        // the sink's secret headers to another host.
         let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .build()
             .map_err(|e| Error::Internal(format!("sink '{}': http client: {e}", node.id)))?;
@@ -105,13 +109,41 @@ impl Endpoint {
         if status.is_success() {
             return Outcome::Delivered;
         }
-        let text = response.text().await.unwrap_or_default();
-        let text: String = text.chars().take(1000).collect();
+        if status.is_redirection() {
+            let to = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| self.url_host(l))
+                .unwrap_or_else(|| "elsewhere".into());
+            tracing::warn!(sink = %self.id, "the endpoint answered {status}, a redirect to {to}: not followed");
+            return Outcome::Refused(status.as_u16(), format!("redirect to {to} not followed"));
+        }
+        // The answer is read up to 64 KiB: an endpoint cannot fill memory.
+        let mut response = response;
+        let mut raw = Vec::new();
+        while raw.len() < 65_536 {
+            match response.chunk().await {
+                Ok(Some(c)) => raw.extend_from_slice(&c[..c.len().min(65_536 - raw.len())]),
+                _ => break,
+            }
+        }
+        let text: String = String::from_utf8_lossy(&raw).chars().take(1000).collect();
         match status.as_u16() {
             408 | 429 => Outcome::Away(format!("{status}: {text}")),
             s if status.is_server_error() => Outcome::Away(format!("{s}: {text}")),
             s => Outcome::Refused(s, text),
         }
+    }
+
+    /// The host (and port) of a redirect's `Location`, relative to the endpoint.
+    fn url_host(&self, location: &str) -> Option<String> {
+        let base = reqwest::Url::parse(&self.url).ok()?;
+        let to = base.join(location).ok()?;
+        Some(match to.port() {
+            Some(p) => format!("{}:{p}", to.host_str()?),
+            None => to.host_str()?.to_string(),
+        })
     }
 
     fn scrub(&self, text: &str) -> String {

@@ -55,6 +55,9 @@ pub fn arrow_type(c: &PgColumn) -> Result<DataType, String> {
     })
 }
 
+/// The type oid of `numeric`.
+pub const NUMERIC_OID: u32 = 1700;
+
 /// numeric(p,s) from its type modifier; unconstrained numeric as (38, 10).
 fn numeric_precision(typmod: i32) -> (u8, i8) {
     if typmod < 4 {
@@ -344,7 +347,7 @@ pub fn numeric(v: &[u8], p: u8, s: i8) -> Result<i128, String> {
     if sign == 0xD000 || sign == 0xF000 {
         return Err("infinity does not fit a decimal column".into());
     }
-    if v.len() < 8 + 2 * ndigits as usize {
+    if ndigits < 0 || v.len() < 8 + 2 * ndigits as usize {
         return Err("truncated numeric".into());
     }
     let mut acc: i128 = 0;
@@ -358,14 +361,67 @@ pub fn numeric(v: &[u8], p: u8, s: i8) -> Result<i128, String> {
     if exp10 >= 0 {
         acc = acc.checked_mul(10i128.checked_pow(exp10 as u32).ok_or_else(overflow)?).ok_or_else(overflow)?;
     } else {
-        let div = 10i128.checked_pow((-exp10) as u32).unwrap_or(i128::MAX);
-        let (q, r) = (acc / div, acc % div);
-        acc = if r * 2 >= div { q + 1 } else { q };
+        // More places than the column is read at: an error, not a
+        // rounding (an unconstrained numeric is read at 10 places).
+        let places = || {
+            format!(
+                "{} has more than {s} decimal places; declare the column as decimal(p,s) in the source's schema to read it exactly",
+                numeric_text(v)
+            )
+        };
+        match 10i128.checked_pow((-exp10) as u32) {
+            Some(div) if acc % div == 0 => acc /= div,
+            Some(_) => return Err(places()),
+            None if acc == 0 => {}
+            None => return Err(places()),
+        }
     }
     if acc >= 10i128.pow(p as u32) {
         return Err(overflow());
     }
     Ok(if sign == 0x4000 { -acc } else { acc })
+}
+
+/// A numeric in PostgreSQL's binary form as decimal text, for messages
+/// (its first 40 digits).
+fn numeric_text(v: &[u8]) -> String {
+    let ndigits = i16::from_be_bytes([v[0], v[1]]).max(0) as usize;
+    let weight = i16::from_be_bytes([v[2], v[3]]) as i64;
+    let sign = if u16::from_be_bytes([v[4], v[5]]) == 0x4000 { "-" } else { "" };
+    let digit = |i: i64| -> u16 {
+        if i < 0 || i as usize >= ndigits || 9 + 2 * i as usize >= v.len() {
+            0
+        } else {
+            u16::from_be_bytes([v[8 + 2 * i as usize], v[9 + 2 * i as usize]])
+        }
+    };
+    let mut int = String::new();
+    for i in 0..=weight.clamp(-1, 10) {
+        let d = digit(i);
+        if int.is_empty() {
+            if d != 0 || i == weight {
+                int = d.to_string();
+            }
+        } else {
+            int.push_str(&format!("{d:04}"));
+        }
+    }
+    if int.is_empty() {
+        int.push('0');
+    }
+    let mut frac = String::new();
+    for i in (weight + 1).max(0)..(ndigits as i64).min(weight + 12) {
+        frac.push_str(&format!("{:04}", digit(i)));
+    }
+    if weight < -1 {
+        frac = "0000".repeat(((-weight - 1) as usize).min(10)) + &frac;
+    }
+    let frac = frac.trim_end_matches('0');
+    if frac.is_empty() {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    }
 }
 
 fn finish(col: Col) -> ArrayRef {
@@ -396,6 +452,17 @@ mod tests {
             v.extend_from_slice(&d.to_be_bytes());
         }
         v
+    }
+
+    /// More places than the column is read at is an error naming the value.
+    #[test]
+    fn a_numeric_is_never_rounded() {
+        let v = num(4, -1, 0, 14, &[1234, 5678, 9012, 3400]);
+        let e = numeric(&v, 38, 10).unwrap_err();
+        assert!(e.contains("0.12345678901234 has more than 10 decimal places"), "{e}");
+        assert_eq!(numeric(&v, 30, 14).unwrap(), 12_345_678_901_234);
+        assert_eq!(numeric_text(&num(2, 1, 0x4000, 1, &[12, 3400])), "-123400");
+        assert!(numeric(&num(-3, 0, 0, 0, &[]), 12, 2).is_err());
     }
 
     #[test]

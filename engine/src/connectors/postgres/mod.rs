@@ -19,11 +19,28 @@ use crate::error::{Error, Result};
 /// logged at debug, not as warnings in every run's output.
 pub async fn connect(name: &str, url: &str) -> Result<PgConnection> {
     use sqlx::ConnectOptions;
-    let opts: sqlx::postgres::PgConnectOptions = url.parse().map_err(|e| external(name, url, e))?;
+    let opts = options(url).map_err(|e| external(name, url, e))?;
     opts.log_slow_statements(log::LevelFilter::Debug, std::time::Duration::from_secs(1))
         .connect()
         .await
         .map_err(|e| external(name, url, e))
+}
+
+/// The connection options of a URL. Without an `sslmode` (in the URL or
+/// `PGSSLMODE`), a server on this machine is reached as libpq would
+/// (`prefer`), and any other over TLS with its certificate and name checked
+/// (`verify-full`): credentials and rows do not cross a network in clear, or
+/// to a server that only claims the name.
+pub fn options(url: &str) -> std::result::Result<sqlx::postgres::PgConnectOptions, sqlx::Error> {
+    let opts: sqlx::postgres::PgConnectOptions = url.parse()?;
+    let query = url.split_once('?').map(|(_, q)| q.to_ascii_lowercase()).unwrap_or_default();
+    let said = query.split('&').any(|p| p.starts_with("sslmode=")) || std::env::var_os("PGSSLMODE").is_some();
+    let host = opts.get_host().trim_start_matches('[').trim_end_matches(']');
+    let local = host.is_empty()
+        || host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    Ok(if said || local { opts } else { opts.ssl_mode(sqlx::postgres::PgSslMode::VerifyFull) })
 }
 
 /// Whether `table` (possibly `schema.table`) exists.
@@ -137,8 +154,7 @@ impl Probe for PostgresConnection {
 
 /// `TLS (TLSv1.3, sslmode=verify-full)` or `no TLS (sslmode=prefer)`.
 fn tls_note(url: &str, ssl: bool, version: Option<&str>) -> String {
-    let mode = url
-        .parse::<sqlx::postgres::PgConnectOptions>()
+    let mode = options(url)
         .map(|o| format!("{:?}", o.get_ssl_mode()))
         .unwrap_or_default();
     // PgSslMode's names in the URL's spelling: VerifyFull -> verify-full.
@@ -275,9 +291,9 @@ impl StreamSink for PgStream {
                 Err(e) if sink::refused_for_data(&e) => {
                     if range.len() == 1 {
                         split.done.refused.push(Refused {
-                            sink: self.id.clone(),
+                            node: self.id.clone(),
                             row: split.rows[range.start].clone(),
-                            reason: refusal(&e),
+                            reason: format!("sink '{}' refused the row: {}", self.id, refusal(&e)),
                         });
                     } else {
                         let mid = range.start + range.len() / 2;
@@ -308,5 +324,25 @@ fn refusal(e: &sqlx::Error) -> String {
             None => d.message().to_string(),
         },
         None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::postgres::PgSslMode;
+
+    /// Without `sslmode`, a server elsewhere is reached over TLS with its
+    /// certificate checked; a server on this machine as libpq would.
+    #[test]
+    fn without_sslmode_a_remote_server_is_verified_and_a_local_one_is_preferred() {
+        let mode = |u: &str| options(u).expect("a URL").get_ssl_mode();
+        assert!(matches!(mode("postgres://app@db.example.com/dwh"), PgSslMode::VerifyFull));
+        assert!(matches!(mode("postgres://app:pw@10.0.0.5:5432/dwh"), PgSslMode::VerifyFull));
+        assert!(matches!(mode("postgres://postgres@127.0.0.1:5432/dwh"), PgSslMode::Prefer));
+        assert!(matches!(mode("postgres://postgres@localhost/dwh"), PgSslMode::Prefer));
+        assert!(matches!(mode("postgres://postgres@[::1]:5432/dwh"), PgSslMode::Prefer));
+        assert!(matches!(mode("postgres://app@db.example.com/dwh?sslmode=disable"), PgSslMode::Disable));
+        assert!(matches!(mode("postgres://app@db.example.com/dwh?sslmode=require"), PgSslMode::Require));
     }
 }

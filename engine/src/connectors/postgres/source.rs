@@ -91,6 +91,19 @@ pub async fn open(
         query =
             format!("SELECT * FROM ({query}) AS s WHERE {} >= {bound}", crate::spec::sql::ident(&inc.column));
     }
+    // A numeric column declared decimal(p,s) is read at that precision and
+    // scale: an unconstrained numeric would be read at 10 places.
+    let mut columns = columns;
+    if let Some(d) = &src.schema {
+        let declared = crate::plan::schema::from_declared(d).map_err(|e| Error::Usage(e.join("; ")))?;
+        for c in columns.iter_mut().filter(|c| c.oid == super::decode::NUMERIC_OID) {
+            if let Ok(f) = declared.field_with_name(&c.name) {
+                if let datafusion::arrow::datatypes::DataType::Decimal128(p, s) = f.data_type() {
+                    c.typmod = ((i32::from(*p) << 16) | i32::from((*s).max(0) as u8)) + 4;
+                }
+            }
+        }
+    }
     let mut decoder = Decoder::new(&columns, BATCH_ROWS).map_err(Error::Usage)?;
     let schema = decoder.schema();
     // With a declared schema: where each declared column is in what is read.

@@ -44,6 +44,32 @@ pub struct DeadLetter {
     /// A table on `connection`.
     #[serde(default)]
     pub table: Option<String>,
+    /// With `stream`: the dead-letter stream is trimmed to this many
+    /// entries, the oldest going first (default 100000).
+    #[serde(default)]
+    pub maxlen: Option<u64>,
+}
+
+/// The largest message a source takes when it does not say.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 65_536;
+
+/// How far ahead of the engine's clock an event may be stamped, unless the
+/// source says.
+pub const DEFAULT_MAX_FUTURE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The entries a dead-letter stream keeps when its source does not say.
+pub const DEFAULT_DEAD_LETTER_MAXLEN: u64 = 100_000;
+
+/// What happens to an event stamped further ahead of the engine's clock
+/// than `max_future`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFuture {
+    /// Refused, to the dead letter: it moves no watermark.
+    #[default]
+    DeadLetter,
+    /// Taken as stamped when it was read.
+    Clamp,
 }
 
 /// Message formats of stream sources and sinks.
@@ -97,9 +123,19 @@ pub struct RedisSource {
     /// Entries another consumer has left pending this long are claimed (default `30s`).
     #[serde(default)]
     pub reclaim_after: Option<Duration>,
-    /// Larger messages go to the dead letter (default 1048576).
+    /// Larger messages go to the dead letter, cut to their first KiB with
+    /// their length and SHA-256 (default 65536). They are never read whole.
     #[serde(default)]
     pub max_message_bytes: Option<u64>,
+    /// An event stamped this far ahead of the engine's clock or more
+    /// (default `5m`) goes to the dead letter, or is clamped (`on_future`):
+    /// one far-future timestamp must not move a watermark.
+    #[serde(default)]
+    pub max_future: Option<Duration>,
+    /// `dead_letter` (default) or `clamp`: an event from the future is
+    /// taken as stamped when it was read.
+    #[serde(default)]
+    pub on_future: OnFuture,
     /// Without a `dead_letter`, refused messages are logged with their
     /// reason; `true` logs their payload too (transactions are personal
     /// data, so by default it is left out).
@@ -183,10 +219,29 @@ impl SourceSettings for RedisSource {
     fn check(&self, cx: &mut Context) {
         check_partitions(cx, self.stream.is_some(), self.partitions, self.partition_by.as_deref());
         if let Some(col) = &self.partition_by {
-            if !self.schema.contains_key(col) {
-                let cols: Vec<String> = self.schema.keys().cloned().collect();
-                let hint = crate::spec::rules::column_hint(col, &cols);
-                cx.error_here(format!("'partition_by' column '{col}' is not in the schema{hint}"));
+            match self.schema.get(col) {
+                None => {
+                    let cols: Vec<String> = self.schema.keys().cloned().collect();
+                    let hint = crate::spec::rules::column_hint(col, &cols);
+                    cx.error_here(format!("'partition_by' column '{col}' is not in the schema{hint}"));
+                }
+                Some(c) if !matches!(c.data_type().trim(), "string" | "int32" | "int64") => cx.error_here(format!(
+                    "'partition_by' column '{col}' is {}: a partition key is a string or an integer column",
+                    c.data_type()
+                )),
+                Some(_) => {}
+            }
+        }
+        if self.max_message_bytes == Some(0) {
+            cx.error_here("'max_message_bytes' must be at least 1");
+        }
+        if let Some(f) = &self.max_future {
+            if f.get() < std::time::Duration::from_secs(1) || f.get() > MAX_FUTURE {
+                cx.error_here(format!(
+                    "'max_future: {}' must be between 1s and {}",
+                    humantime::format_duration(f.get()),
+                    humantime::format_duration(MAX_FUTURE)
+                ));
             }
         }
         match (&self.channel, &self.stream) {
@@ -200,6 +255,12 @@ impl SourceSettings for RedisSource {
             _ => {}
         }
         if let Some(dl) = &self.dead_letter {
+            if dl.maxlen.is_some() && dl.stream.is_none() {
+                cx.error_here("'dead_letter.maxlen' applies to a dead-letter 'stream'");
+            }
+            if dl.maxlen == Some(0) {
+                cx.error_here("'dead_letter.maxlen' must be at least 1");
+            }
             match (&dl.stream, &dl.connection, &dl.table) {
                 (Some(_), None, None) => {}
                 (None, Some(c), Some(_)) => {
@@ -233,6 +294,10 @@ impl SinkSettings for RedisSink {
         check_partitions(cx, self.stream.is_some(), self.partitions, self.partition_by.as_deref());
     }
 }
+
+/// The most `max_future` may be: further ahead, an event would hold its
+/// windows' counts back for longer than anyone waits for an alert.
+const MAX_FUTURE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// The most partitions a stream may have: one per Redis Cluster hash slot.
 const MAX_PARTITIONS: u32 = 16_384;

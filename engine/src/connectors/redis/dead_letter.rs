@@ -10,14 +10,47 @@ use crate::spec::Spec;
 
 /// One refused message.
 pub struct Letter {
+    /// The payload, or its first [`CUT_TO`] bytes when it is longer than
+    /// [`KEPT_WHOLE`].
     pub payload: Vec<u8>,
     pub reason: String,
     /// The stream entry id (streams only).
     pub entry_id: Option<String>,
+    /// A cut payload's length and SHA-256 (hex).
+    pub cut: Option<(usize, String)>,
+}
+
+/// Payloads up to this size are kept whole in a dead letter.
+pub const KEPT_WHOLE: usize = 65_536;
+/// A longer payload keeps this many bytes, with its length and hash.
+pub const CUT_TO: usize = 1024;
+
+impl Letter {
+    pub fn new(payload: &[u8], reason: String, entry_id: Option<String>) -> Self {
+        let cut = (payload.len() > KEPT_WHOLE).then(|| {
+            use sha2::Digest;
+            let hash = sha2::Sha256::digest(payload);
+            (payload.len(), hash.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        });
+        let kept = if cut.is_some() { &payload[..CUT_TO] } else { payload };
+        Self { payload: kept.to_vec(), reason, entry_id, cut }
+    }
+
+    /// A letter for a payload read as it came (see [`super::wire`]): whole,
+    /// or already cut with its length and hash.
+    pub fn of(payload: super::wire::Payload, reason: String, entry_id: Option<String>) -> Self {
+        match payload {
+            super::wire::Payload::Whole(v) => Self::new(&v, reason, entry_id),
+            super::wire::Payload::Cut { mut head, len, sha256 } => {
+                head.truncate(CUT_TO);
+                Self { payload: head, reason, entry_id, cut: Some((len, sha256)) }
+            }
+        }
+    }
 }
 
 enum Target {
-    Stream(String),
+    Stream { key: String, maxlen: u64 },
     Table {
         name: String,
         url: String,
@@ -39,7 +72,10 @@ pub struct DeadLetters {
 impl DeadLetters {
     pub fn new(spec: &Spec, source: &str, dl: Option<&DeadLetterSpec>, log_payloads: bool) -> Self {
         let target = match dl {
-            Some(DeadLetterSpec { stream: Some(s), .. }) => Target::Stream(s.clone()),
+            Some(DeadLetterSpec { stream: Some(s), maxlen, .. }) => Target::Stream {
+                key: s.clone(),
+                maxlen: maxlen.unwrap_or(super::config::DEFAULT_DEAD_LETTER_MAXLEN),
+            },
             Some(DeadLetterSpec { connection: Some(c), table: Some(t), .. }) => {
                 match spec
                     .pipeline
@@ -72,13 +108,16 @@ impl DeadLetters {
         }
         let at = now_rfc3339();
         match &mut self.target {
-            Target::Stream(key) => {
+            Target::Stream { key, maxlen } => {
                 let mut pipe = redis::pipe();
                 for l in letters {
-                    pipe.cmd("XADD")
-                        .arg(key.as_str())
-                        .arg("*")
-                        .arg("payload")
+                    let cmd = pipe.cmd("XADD");
+                    // Exact trimming: the stream never holds more than `maxlen`.
+                    cmd.arg(key.as_str()).arg("MAXLEN").arg(*maxlen).arg("*");
+                    if let Some((len, hash)) = &l.cut {
+                        cmd.arg("payload_bytes").arg(*len).arg("payload_sha256").arg(hash);
+                    }
+                    cmd.arg("payload")
                         .arg(l.payload.as_slice())
                         .arg("reason")
                         .arg(&l.reason)
@@ -153,12 +192,24 @@ fn now_rfc3339() -> String {
 }
 
 async fn create_table(conn: &mut PgConnection, table: &str) -> Result<(), sqlx::Error> {
+    let table = crate::spec::sql::qualified(table);
     let sql = format!(
-        "CREATE TABLE IF NOT EXISTS {} (id bigserial PRIMARY KEY, source text NOT NULL, reason text NOT NULL, \
-         payload text NOT NULL, entry_id text, received_at timestamptz NOT NULL DEFAULT now())",
-        crate::spec::sql::qualified(table)
+        "CREATE TABLE IF NOT EXISTS {table} (id bigserial PRIMARY KEY, source text NOT NULL, reason text NOT NULL, \
+         payload text NOT NULL, entry_id text, received_at timestamptz NOT NULL DEFAULT now(), \
+         payload_bytes bigint, payload_sha256 text)"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
+    // Tables made before payloads were cut lack the last two columns.
+    let sql = format!(
+        "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS payload_bytes bigint, \
+         ADD COLUMN IF NOT EXISTS payload_sha256 text"
     );
     sqlx::query(sqlx::AssertSqlSafe(sql)).execute(conn).await.map(|_| ())
+}
+
+/// Text PostgreSQL takes: a NUL byte (which a `text` value cannot hold) becomes U+FFFD.
+fn pg_text(s: &str) -> String {
+    s.replace('\0', "\u{fffd}")
 }
 
 async fn insert(
@@ -167,19 +218,23 @@ async fn insert(
     source: &str,
     letters: &[Letter],
 ) -> Result<(), sqlx::Error> {
-    let reasons: Vec<&str> = letters.iter().map(|l| l.reason.as_str()).collect();
-    let payloads: Vec<String> =
-        letters.iter().map(|l| String::from_utf8_lossy(&l.payload).replace('\0', "\u{fffd}")).collect();
-    let ids: Vec<Option<&str>> = letters.iter().map(|l| l.entry_id.as_deref()).collect();
+    let reasons: Vec<String> = letters.iter().map(|l| pg_text(&l.reason)).collect();
+    let payloads: Vec<String> = letters.iter().map(|l| pg_text(&String::from_utf8_lossy(&l.payload))).collect();
+    let ids: Vec<Option<String>> = letters.iter().map(|l| l.entry_id.as_deref().map(pg_text)).collect();
+    let lens: Vec<Option<i64>> = letters.iter().map(|l| l.cut.as_ref().map(|c| c.0 as i64)).collect();
+    let hashes: Vec<Option<&str>> = letters.iter().map(|l| l.cut.as_ref().map(|c| c.1.as_str())).collect();
     let sql = format!(
-        "INSERT INTO {} (source, reason, payload, entry_id) SELECT $1, r, p, i FROM unnest($2::text[], $3::text[], $4::text[]) AS x(r, p, i)",
+        "INSERT INTO {} (source, reason, payload, entry_id, payload_bytes, payload_sha256) \
+         SELECT $1, r, p, i, n, h FROM unnest($2::text[], $3::text[], $4::text[], $5::int8[], $6::text[]) AS x(r, p, i, n, h)",
         crate::spec::sql::qualified(table)
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(source)
+        .bind(pg_text(source))
         .bind(&reasons)
         .bind(&payloads)
         .bind(&ids)
+        .bind(&lens)
+        .bind(&hashes)
         .execute(conn)
         .await
         .map(|_| ())

@@ -14,6 +14,7 @@ pub mod partition;
 pub mod sink;
 pub mod source;
 pub mod subscriber;
+pub mod wire;
 
 use std::time::Duration;
 
@@ -82,72 +83,6 @@ pub async fn connect(
     client.get_multiplexed_async_connection_with_config(&config).await
 }
 
-/// A stream entry: its id and its field/value pairs (`None` when the entry
-/// was deleted from the stream while pending).
-pub type Entry = (String, Option<Vec<(Vec<u8>, Vec<u8>)>>);
-
-fn owned_text(v: redis::Value) -> Option<String> {
-    match v {
-        redis::Value::BulkString(b) => {
-            Some(String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
-        }
-        redis::Value::SimpleString(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn bytes(v: redis::Value) -> Vec<u8> {
-    match v {
-        redis::Value::BulkString(b) => b,
-        redis::Value::SimpleString(s) => s.into_bytes(),
-        redis::Value::Int(i) => i.to_string().into_bytes(),
-        _ => Vec::new(),
-    }
-}
-
-fn array(v: redis::Value) -> Vec<redis::Value> {
-    match v {
-        redis::Value::Array(a) | redis::Value::Set(a) => a,
-        redis::Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// Entries of an XRANGE/XCLAIM reply: `[[id, [field, value, ...]], ...]`.
-pub fn entries(reply: redis::Value) -> Vec<Entry> {
-    array(reply)
-        .into_iter()
-        .filter_map(|e| {
-            let mut parts = array(e).into_iter();
-            let id = owned_text(parts.next()?)?;
-            let fields = match parts.next() {
-                Some(redis::Value::Nil) | None => None,
-                Some(f) => {
-                    let mut flat = array(f).into_iter();
-                    let mut pairs = Vec::new();
-                    while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
-                        pairs.push((bytes(k), bytes(v)));
-                    }
-                    Some(pairs)
-                }
-            };
-            Some((id, fields))
-        })
-        .collect()
-}
-
-/// Entries of an XREADGROUP reply, per stream: `[[key, entries], ...]`, or nil.
-pub fn read_reply(reply: redis::Value) -> Vec<(String, Vec<Entry>)> {
-    array(reply)
-        .into_iter()
-        .filter_map(|stream| {
-            let mut parts = array(stream).into_iter();
-            let key = owned_text(parts.next()?)?;
-            Some((key, parts.next().map(entries).unwrap_or_default()))
-        })
-        .collect()
-}
-
 // ------------------------------------------------------------------ runtime
 
 use datafusion::arrow::record_batch::RecordBatch;
@@ -159,6 +94,9 @@ use super::{
 };
 use crate::spec::model::BatchSpec;
 use config::{RedisConnection, RedisSink, RedisSource};
+
+/// A batch's bytes of messages, unless `batch.max_bytes` says.
+const DEFAULT_BATCH_BYTES: u64 = 32 << 20;
 
 impl RedisSource {
     /// How the source reads: `target`, the partitions of its stream this
@@ -198,9 +136,16 @@ impl RedisSource {
             field: self.field.clone(),
             max_rows,
             max_wait,
+            max_bytes: batch.and_then(|b| b.max_bytes).unwrap_or(DEFAULT_BATCH_BYTES) as usize,
             max_deliveries: self.max_deliveries.unwrap_or(5),
             reclaim_after,
-            max_message_bytes: self.max_message_bytes.unwrap_or(1 << 20) as usize,
+            max_message_bytes: self.max_message_bytes.unwrap_or(config::DEFAULT_MAX_MESSAGE_BYTES) as usize,
+            max_future: self.max_future.as_ref().map_or(config::DEFAULT_MAX_FUTURE, |f| f.get()),
+            clamp_future: self.on_future == config::OnFuture::Clamp,
+            partitions: match (target, &self.partition_by) {
+                (Some(t), Some(col)) => Some((col.clone(), t.partitions, t.owned.clone())),
+                _ => None,
+            },
         })
     }
 }
@@ -230,6 +175,9 @@ impl OpenStream for RedisSource {
                 self.log_payloads,
             ),
             conn: None,
+            owner: Owner { consumer: cfg.consumer.clone(), shard: args.shard, node: node.id.to_string() },
+            owned_written: Default::default(),
+            missing: Vec::new(),
         };
         let dead =
             dead_letter::DeadLetters::new(node.spec, node.id, self.dead_letter.as_ref(), self.log_payloads);
@@ -282,7 +230,29 @@ struct Xack {
     target: Option<AckTarget>,
     dead: dead_letter::DeadLetters,
     conn: Option<redis::aio::MultiplexedConnection>,
+    /// Who writes the window state, saved in each partition's hash.
+    owner: Owner,
+    /// Partitions whose hash names this owner already.
+    owned_written: std::collections::HashSet<u32>,
+    /// Partition streams whose window state was expected but missing.
+    missing: Vec<String>,
 }
+
+/// Saved beside a partition's window state (field `owner`): which
+/// partition it is, and which shard and consumer wrote it.
+#[derive(Clone, Default)]
+struct Owner {
+    consumer: String,
+    shard: Option<(u32, u32)>,
+    node: String,
+}
+
+/// The most bytes of window state one HSET carries.
+const MAX_COMMAND_BYTES: usize = 64 << 20;
+
+/// The field of a window state hash that names its owner (window fields
+/// are 8 bytes of prefix and a key: never this).
+const OWNER: &str = "owner";
 
 /// The stream read, in partitions, and the group to acknowledge in.
 #[derive(Clone)]
@@ -329,21 +299,46 @@ impl Acker for Xack {
         // chunks): far fewer commands than one per key.
         for p in touched {
             let key = target.state_key(p);
+            if !self.owned_written.contains(&p) {
+                let owner = serde_json::json!({
+                    "partition": p,
+                    "partitions": target.partitions,
+                    "stream": target.stream_key(p),
+                    "group": target.group,
+                    "consumer": self.owner.consumer,
+                    "shard": self.owner.shard.map(|(i, n)| format!("{i}/{n}")),
+                    "source": self.owner.node,
+                    "written_at": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+                });
+                pipe.cmd("HSET").arg(&key).arg(OWNER).arg(owner.to_string()).ignore();
+            }
             let mine = || state.writes.iter().filter(move |w| w.partition == p);
             let sets: Vec<&StateWrite> = mine().filter(|w| w.value.is_some()).collect();
-            for chunk in sets.chunks(1000) {
+            // At most 1000 fields or 64 MiB a command: Redis takes a
+            // command's arguments into memory whole before it runs it.
+            let mut rest = sets.as_slice();
+            while !rest.is_empty() {
+                let mut bytes = 0;
+                let n = rest
+                    .iter()
+                    .take(1000)
+                    .take_while(|w| {
+                        bytes += w.field.len() + w.value.as_ref().map_or(0, Vec::len);
+                        bytes <= MAX_COMMAND_BYTES
+                    })
+                    .count()
+                    .max(1);
                 let cmd = pipe.cmd("HSET").arg(&key);
-                for w in chunk {
+                for w in &rest[..n] {
                     cmd.arg(w.field.as_slice()).arg(w.value.as_deref().unwrap_or_default());
                 }
                 cmd.ignore();
+                rest = &rest[n..];
             }
             let dels: Vec<&[u8]> = mine().filter(|w| w.value.is_none()).map(|w| w.field.as_slice()).collect();
             for chunk in dels.chunks(1000) {
                 pipe.cmd("HDEL").arg(&key).arg(chunk).ignore();
             }
-            let ms = state.keep_for.as_millis().max(1) as u64;
-            pipe.cmd("PEXPIRE").arg(&key).arg(ms).ignore();
         }
         for (p, ids) in target.owned.iter().zip(&per_stream) {
             for chunk in ids.chunks(10_000) {
@@ -358,9 +353,16 @@ impl Acker for Xack {
                 Err(e) => Err(e),
             };
             if let Some(done) = self.settle(outcome, &what, &mut backoff, stop).await {
+                if done.is_ok() {
+                    self.owned_written.extend(state.writes.iter().map(|w| w.partition));
+                }
                 return done;
             }
         }
+    }
+
+    fn missing_state(&self) -> Vec<String> {
+        self.missing.clone()
     }
 
     fn durable(&self) -> bool {
@@ -370,18 +372,39 @@ impl Acker for Xack {
     async fn load_state(&mut self) -> Result<Vec<StateWrite>, String> {
         let Some(target) = self.target.clone() else { return Ok(Vec::new()) };
         let mut out = Vec::new();
+        let c = self.connection().await?;
+        if let Eviction::Unsafe(policy) = eviction(c).await {
+            tracing::warn!("{}", unsafe_eviction(&target.stream, &policy));
+        }
         for p in &target.owned {
             let c = self.connection().await?;
+            let key = target.state_key(*p);
+            let stream = target.stream_key(*p);
+            // State saved by versions that set an expiry keeps none.
+            let _: redis::RedisResult<i64> = redis::cmd("PERSIST").arg(&key).query_async(&mut *c).await;
             let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
-                .arg(target.state_key(*p))
-                .query_async(c)
+                .arg(&key)
+                .query_async(&mut *c)
                 .await
-                .map_err(|e| format!("cannot read window state of '{}': {e}", target.stream_key(*p)))?;
-            out.extend(fields.into_iter().map(|(field, value)| StateWrite {
-                partition: *p,
-                field,
-                value: Some(value),
-            }));
+                .map_err(|e| format!("cannot read window state of '{stream}': {e}"))?;
+            if fields.is_empty() && group_has_read(c, &stream, &target.group).await {
+                self.missing.push(stream.clone());
+            }
+            for (field, value) in fields {
+                if field == OWNER.as_bytes() {
+                    let owner: serde_json::Value = serde_json::from_slice(&value).unwrap_or_default();
+                    if owner["partition"].as_u64().is_some_and(|o| o != u64::from(*p)) {
+                        tracing::warn!(
+                            "the window state of '{stream}' says it is partition {}, not {p}: it is left out",
+                            owner["partition"]
+                        );
+                        out.retain(|w: &StateWrite| w.partition != *p);
+                        break;
+                    }
+                    continue;
+                }
+                out.push(StateWrite { partition: *p, field, value: Some(value) });
+            }
         }
         Ok(out)
     }
@@ -389,11 +412,7 @@ impl Acker for Xack {
     async fn refuse(&mut self, rows: Vec<Refused>, stop: &watch::Receiver<bool>) -> Result<(), String> {
         let letters: Vec<dead_letter::Letter> = rows
             .into_iter()
-            .map(|r| dead_letter::Letter {
-                payload: r.row,
-                reason: format!("sink '{}' refused the row: {}", r.sink, r.reason),
-                entry_id: None,
-            })
+            .map(|r| dead_letter::Letter::new(&r.row, r.reason, None))
             .collect();
         let what = format!("store {} refused rows", letters.len());
         let mut backoff = Backoff::default();
@@ -463,6 +482,66 @@ impl super::Probe for RedisConnection {
     }
 }
 
+/// Whether `group` has read entries of `stream` before: then a partition's
+/// window state was saved, unless no windowed rule ever counted there.
+async fn group_has_read(conn: &mut redis::aio::MultiplexedConnection, stream: &str, group: &str) -> bool {
+    let reply: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
+        redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(conn).await;
+    reply.is_ok_and(|r| {
+        r.groups.iter().any(|g| g.name == group && g.last_delivered_id != "0-0" && g.entries_read.unwrap_or(1) > 0)
+    })
+}
+
+#[async_trait::async_trait]
+impl super::Probe for RedisSource {
+    /// A source reading a stream in a group keeps window state in Redis:
+    /// a server that may evict any key could drop it.
+    async fn probe(
+        &self,
+        node: Node<'_>,
+        _input: Option<datafusion::arrow::datatypes::SchemaRef>,
+    ) -> crate::error::Result<Option<String>> {
+        if self.stream.is_none() || self.group.is_none() {
+            return Ok(None);
+        }
+        let (name, c) = node.connection::<RedisConnection>(&self.connection)?;
+        let endpoint = Endpoint::of(&node, name, c)?;
+        let mut conn = connect(&endpoint.client()?, Duration::ZERO).await.map_err(|e| endpoint.external(e))?;
+        match eviction(&mut conn).await {
+            Eviction::Unsafe(policy) => Err(Error::Usage(unsafe_eviction(name, &policy))),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// What a Redis server's `maxmemory-policy` means for window state.
+enum Eviction {
+    /// `noeviction` or `volatile-*`: the engine's keys have no expiry, so they stay.
+    Safe,
+    /// `allkeys-*`: any key may go when memory runs short.
+    Unsafe(String),
+    /// CONFIG is refused (a managed Redis): unknown.
+    Unknown,
+}
+
+async fn eviction(conn: &mut redis::aio::MultiplexedConnection) -> Eviction {
+    let reply: redis::RedisResult<Vec<String>> =
+        redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy").query_async(conn).await;
+    match reply.ok().and_then(|r| r.get(1).cloned()) {
+        Some(p) if p.starts_with("allkeys-") => Eviction::Unsafe(p),
+        Some(_) => Eviction::Safe,
+        None => Eviction::Unknown,
+    }
+}
+
+fn unsafe_eviction(connection: &str, policy: &str) -> String {
+    format!(
+        "connection '{connection}': the server runs with maxmemory-policy {policy}, which may evict the \
+         window state this source keeps there (windows would restart empty); run it with noeviction \
+         (or a volatile-* policy: the engine's keys never expire)"
+    )
+}
+
 impl OpenStreamSink for RedisSink {
     fn open_stream(&self, node: Node<'_>) -> crate::error::Result<Box<dyn StreamSink>> {
         let (name, c) = node.connection::<RedisConnection>(&self.connection)?;
@@ -498,32 +577,5 @@ impl StreamSink for Publishing {
             None => self.conn.insert(self.client.get_connection_manager().await.map_err(|e| ext(&e))?),
         };
         sink::write(c, &self.sink, batches, &parts).await.map(Written::all).map_err(|e| ext(&e))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use redis::Value::{Array, BulkString, Nil};
-
-    #[test]
-    fn parses_read_replies() {
-        let b = |s: &str| BulkString(s.as_bytes().to_vec());
-        let reply = Array(vec![Array(vec![
-            b("s"),
-            Array(vec![
-                Array(vec![b("1-0"), Array(vec![b("payload"), b("{}")])]),
-                Array(vec![b("2-0"), Nil]),
-            ]),
-        ])]);
-        let mut streams = read_reply(reply);
-        assert_eq!(streams.len(), 1);
-        let (key, e) = streams.remove(0);
-        assert_eq!(key, "s");
-        assert_eq!(e.len(), 2);
-        assert_eq!(e[0].0, "1-0");
-        assert_eq!(e[0].1.as_ref().unwrap()[0], (b"payload".to_vec(), b"{}".to_vec()));
-        assert!(e[1].1.is_none());
-        assert!(read_reply(Nil).is_empty());
     }
 }

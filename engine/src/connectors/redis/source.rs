@@ -13,15 +13,13 @@ use datafusion::arrow::datatypes::SchemaRef;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, watch};
 
+use super::connect;
 use super::dead_letter::{DeadLetters, Letter};
 use super::subscriber::Subscriber;
-use super::{connect, read_reply, Entry};
-use crate::connectors::codec::json::Decoder;
+use super::wire::{Payload, Wire, WireEntry};
+use crate::connectors::codec::json::{Checks, Decoder, Read as At};
 use crate::connectors::Backoff;
 use crate::connectors::{Delivery, Token};
-
-/// A read of the streams, sent.
-type Read = tokio::task::JoinHandle<redis::RedisResult<redis::Value>>;
 
 /// What to read and how.
 pub struct Config {
@@ -35,10 +33,18 @@ pub struct Config {
     pub field: String,
     pub max_rows: usize,
     pub max_wait: Duration,
+    /// A batch goes on once its messages take this many bytes.
+    pub max_bytes: usize,
     pub max_deliveries: u32,
     /// Entries pending this long with another consumer are claimed.
     pub reclaim_after: Duration,
     pub max_message_bytes: usize,
+    /// Timestamps this far ahead of the clock are refused (or clamped).
+    pub max_future: Duration,
+    pub clamp_future: bool,
+    /// The partition of each of `streams`, and the partitions in all, with
+    /// the partition key column: an entry must belong where it was read.
+    pub partitions: Option<(String, u32, Vec<u32>)>,
 }
 
 /// Signals between the source and the executor.
@@ -56,10 +62,21 @@ pub async fn run(
     mut ctl: Control,
 ) -> crate::error::Result<()> {
     let client = cfg.endpoint.client()?;
+    let partition = cfg.partitions.as_ref().and_then(|(col, n, _)| {
+        let i = schema.index_of(col).ok()?;
+        Some((i, *n, super::partition::of as fn(&[u8], u32) -> u32))
+    });
+    let checks = Checks {
+        max_bytes: cfg.max_message_bytes,
+        max_future: Some(cfg.max_future),
+        clamp_future: cfg.clamp_future,
+        partition,
+    };
     let mut r = Reader {
         cursors: vec!["-".to_string(); cfg.streams.len()],
+        others: vec!["-".to_string(); cfg.streams.len()],
         own_done: false,
-        decoder: Decoder::new(schema, cfg.max_message_bytes),
+        decoder: Decoder::new(schema, checks),
         ids: vec![],
         first_at: None,
         cfg,
@@ -95,6 +112,10 @@ pub async fn run(
 struct Reader {
     /// Per stream, where the pass over this consumer's own pending entries goes on.
     cursors: Vec<String>,
+    /// Per stream, where the pass over other consumers' idle entries goes
+    /// on: entries of a dead consumer are reached however many of this
+    /// one's own come before them.
+    others: Vec<String>,
     own_done: bool,
     decoder: Decoder,
     /// The entries of the batch being filled: the stream's place in
@@ -113,46 +134,54 @@ fn up(cfg: &Config, ctl: &Control, backoff: &mut Backoff) {
 impl Reader {
     /// Takes one message (of stream `s`, for an entry); a refused one becomes a dead letter.
     fn take(&mut self, id: Option<(usize, String)>, payload: &[u8], letters: &mut Vec<Letter>) {
-        match self.decoder.push(payload) {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        let partition = match (&self.cfg.partitions, &id) {
+            (Some((_, n, of)), Some((s, _))) if *n > 1 => of.get(*s).copied(),
+            _ => None,
+        };
+        let taken = self.decoder.push(payload, At { now_us, partition });
+        let future = self.decoder.take_future();
+        if future > 0 {
+            metrics::counter!("engine_future_events_total", "source" => self.cfg.node.clone()).increment(future);
+        }
+        match taken {
             Ok(()) => {
                 self.first_at.get_or_insert_with(Instant::now);
                 if let Some(id) = id {
                     self.ids.push(id);
                 }
             }
-            Err(reason) => {
-                letters.push(Letter { payload: payload.to_vec(), reason, entry_id: id.map(|i| i.1) })
-            }
+            Err(reason) => letters.push(Letter::new(payload, reason, id.map(|i| i.1))),
         }
     }
 
     /// Takes one entry of stream `s`.
-    fn take_entry(
-        &mut self,
-        s: usize,
-        (id, fields): Entry,
-        letters: &mut Vec<Letter>,
-        gone: &mut Vec<String>,
-    ) {
-        let Some(fields) = fields else {
-            gone.push(id); // deleted from the stream (trimmed) while pending
+    fn take_entry(&mut self, s: usize, e: WireEntry, letters: &mut Vec<Letter>, gone: &mut Vec<String>) {
+        if e.deleted {
+            gone.push(e.id); // deleted from the stream (trimmed) while pending
             return;
-        };
-        match fields.iter().find(|(k, _)| k.as_slice() == self.cfg.field.as_bytes()) {
-            Some((_, v)) => self.take(Some((s, id)), v, letters),
-            None => {
-                let names: Vec<String> =
-                    fields.iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect();
+        }
+        match e.value {
+            Some(Payload::Whole(v)) => self.take(Some((s, e.id)), &v, letters),
+            Some(cut @ Payload::Cut { len, .. }) => {
                 let reason =
-                    format!("entry has no field '{}' (fields: {})", self.cfg.field, names.join(", "));
-                let payload = fields.first().map(|(_, v)| v.clone()).unwrap_or_default();
-                letters.push(Letter { payload, reason, entry_id: Some(id) });
+                    format!("message is {len} bytes, more than the limit of {}", self.cfg.max_message_bytes);
+                letters.push(Letter::of(cut, reason, Some(e.id)));
+            }
+            None => {
+                let reason =
+                    format!("entry has no field '{}' (fields: {})", self.cfg.field, e.names.join(", "));
+                let payload = e.first.unwrap_or(Payload::Whole(Vec::new()));
+                letters.push(Letter::of(payload, reason, Some(e.id)));
             }
         }
     }
 
     fn due(&self) -> bool {
         self.decoder.rows() >= self.cfg.max_rows
+            || self.decoder.bytes() >= self.cfg.max_bytes
             || self.first_at.is_some_and(|t| t.elapsed() >= self.cfg.max_wait)
     }
 
@@ -187,13 +216,20 @@ impl Reader {
         for stream in &self.cfg.streams {
             create_group(&mut conn, stream, &self.cfg.group).await?;
         }
+        // Reads and claims go over a connection of their own, parsed as
+        // they arrive (see `wire`).
+        let ca = self.cfg.endpoint.ca.clone();
+        // Values up to what a dead letter keeps whole are read whole (the
+        // decoder refuses those over `max_message_bytes`); longer ones cut.
+        let keep = self.cfg.max_message_bytes.max(super::dead_letter::KEPT_WHOLE);
+        let mut wire = Wire::connect(client, ca.as_deref(), &self.cfg.field, keep).await?;
         up(&self.cfg, ctl, backoff);
         let mut reclaim_at = Instant::now();
         // Own pending entries are looked at once per process: after a
         // reconnect, those are the batches in flight.
         let mut own_pending = !self.own_done;
-        // A read sent before the last reply was decoded, and its count.
-        let mut inflight: Option<(Read, usize)> = None;
+        // A read sent before the last reply was decoded: its count and wait.
+        let mut inflight: Option<(usize, Duration)> = None;
         loop {
             if *ctl.shutdown.borrow() {
                 return Ok(());
@@ -203,11 +239,11 @@ impl Reader {
                 for s in 0..self.cfg.streams.len() {
                     let mut letters = Vec::new();
                     let mut gone = Vec::new();
-                    let (seen, claimed) = self.reclaim(&mut conn, s, own_pending, &mut letters).await?;
+                    let (seen, claimed) = self.reclaim(&mut conn, &mut wire, s, own_pending, &mut letters).await?;
                     more |= seen >= 1000;
                     for e in claimed {
                         self.take_entry(s, e, &mut letters, &mut gone);
-                        if self.decoder.rows() >= self.cfg.max_rows {
+                        if self.decoder.rows() >= self.cfg.max_rows || self.decoder.bytes() >= self.cfg.max_bytes {
                             self.flush(out).await;
                         }
                     }
@@ -220,22 +256,21 @@ impl Reader {
                         Instant::now() + (self.cfg.reclaim_after / 2).max(Duration::from_millis(500));
                 }
             }
-            let (read, count) = match inflight.take() {
+            let (count, block) = match inflight.take() {
                 Some(sent) => sent,
-                None => self.read(&conn, self.decoder.rows()),
+                None => self.read(&mut wire, self.decoder.rows()).await?,
             };
-            let reply = tokio::select! {
-                r = read => r.map_err(|e| format!("read task: {e}"))?.map_err(|e| e.to_string())?,
+            let streams = tokio::select! {
+                r = wire.entries(true, block) => r?,
                 _ = ctl.shutdown.changed() => continue,
             };
-            let streams = read_reply(reply);
             let received: usize = streams.iter().map(|(_, e)| e.len()).sum();
             // A full reply: more is likely waiting (a backlog, a burst). The
             // next read goes out now, so that Redis prepares it while this
             // one is decoded. A reply short of what was asked leaves the
             // streams empty: the next read waits for the batch to go on.
             if received >= count && !*ctl.shutdown.borrow() && Instant::now() < reclaim_at {
-                inflight = Some(self.read(&conn, self.decoder.rows() + received));
+                inflight = Some(self.read(&mut wire, self.decoder.rows() + received).await?);
             }
             for (key, entries) in streams {
                 let Some(s) = self.cfg.streams.iter().position(|k| *k == key) else { continue };
@@ -259,10 +294,10 @@ impl Reader {
     }
 
     /// Sends an XREADGROUP for the batch being filled, which holds `filled`
-    /// rows (a full one: for the next batch); returns the read and its count.
-    /// It waits for new entries until the batch is due, or up to 500 ms
-    /// for a batch not started.
-    fn read(&self, conn: &MultiplexedConnection, filled: usize) -> (Read, usize) {
+    /// rows (a full one: for the next batch); returns its count and how
+    /// long it may block. It waits for new entries until the batch is due,
+    /// or up to 500 ms for a batch not started.
+    async fn read(&self, wire: &mut Wire, filled: usize) -> Result<(usize, Duration), String> {
         let (count, block) = match self.cfg.max_rows.checked_sub(filled) {
             Some(0) | None => (self.cfg.max_rows, Duration::from_millis(500)),
             Some(n) if filled == 0 => (n, self.wait(Duration::from_millis(500))),
@@ -270,21 +305,19 @@ impl Reader {
             // its batch's first row was): up to `max_wait` from now.
             Some(n) => (n, self.wait(self.cfg.max_wait)),
         };
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(&self.cfg.group)
-            .arg(&self.cfg.consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(block.as_millis().max(1) as u64)
-            .arg("STREAMS")
-            .arg(&self.cfg.streams);
-        for _ in &self.cfg.streams {
-            cmd.arg(">");
-        }
-        let mut conn = conn.clone();
-        (tokio::spawn(async move { cmd.query_async::<redis::Value>(&mut conn).await }), count)
+        let block = Duration::from_millis(block.as_millis().max(1) as u64);
+        let mut args: Vec<String> = ["XREADGROUP", "GROUP", &self.cfg.group, &self.cfg.consumer, "COUNT"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(count.to_string());
+        args.push("BLOCK".into());
+        args.push(block.as_millis().to_string());
+        args.push("STREAMS".into());
+        args.extend(self.cfg.streams.iter().cloned());
+        args.extend(self.cfg.streams.iter().map(|_| ">".to_string()));
+        wire.send(&args).await?;
+        Ok((count, block))
     }
 
     /// Stores the dead letters of stream `s` and acknowledges them, with
@@ -358,51 +391,48 @@ impl Reader {
     async fn reclaim(
         &mut self,
         conn: &mut MultiplexedConnection,
+        wire: &mut Wire,
         s: usize,
         own: bool,
         letters: &mut Vec<Letter>,
-    ) -> Result<(usize, Vec<Entry>), String> {
+    ) -> Result<(usize, Vec<WireEntry>), String> {
         let stream = self.cfg.streams[s].clone();
         let idle = if own { 0 } else { self.cfg.reclaim_after.as_millis() as u64 };
         let mut cmd = redis::cmd("XPENDING");
-        let start = if own { self.cursors[s].clone() } else { "-".to_string() };
+        let start = if own { self.cursors[s].clone() } else { self.others[s].clone() };
         cmd.arg(&stream).arg(&self.cfg.group).arg("IDLE").arg(idle).arg(start).arg("+").arg(1000);
         if own {
             cmd.arg(&self.cfg.consumer);
         }
         let pending: Vec<(String, String, u64, u64)> =
             cmd.query_async(&mut *conn).await.map_err(|e| e.to_string())?;
-        if let (true, Some(last)) = (own, pending.last()) {
-            self.cursors[s] = format!("({}", last.0);
+        match (own, pending.last()) {
+            (true, Some(last)) => self.cursors[s] = format!("({}", last.0),
+            // A full page: the next pass goes on after it; a short one
+            // reached the end, and the next starts over.
+            (false, Some(last)) if pending.len() >= 1000 => self.others[s] = format!("({}", last.0),
+            (false, _) => self.others[s] = "-".to_string(),
+            (true, None) => {}
         }
         let chosen: Vec<&(String, String, u64, u64)> =
             pending.iter().filter(|p| own || p.1 != self.cfg.consumer).collect();
         if chosen.is_empty() {
             return Ok((pending.len(), vec![]));
         }
-        let ids: Vec<&str> = chosen.iter().map(|p| p.0.as_str()).collect();
-        let reply: redis::Value = redis::cmd("XCLAIM")
-            .arg(&stream)
-            .arg(&self.cfg.group)
-            .arg(&self.cfg.consumer)
-            .arg(idle)
-            .arg(&ids)
-            .query_async(&mut *conn)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut args: Vec<String> =
+            vec!["XCLAIM".into(), stream.clone(), self.cfg.group.clone(), self.cfg.consumer.clone(), idle.to_string()];
+        args.extend(chosen.iter().map(|p| p.0.clone()));
+        wire.send(&args).await?;
+        let claimed = wire.entries(false, Duration::ZERO).await?.pop().map(|(_, e)| e).unwrap_or_default();
         let mut take = Vec::new();
-        for (id, fields) in super::entries(reply) {
-            let deliveries = chosen.iter().find(|p| p.0 == id).map(|p| p.3).unwrap_or(0);
-            if deliveries >= u64::from(self.cfg.max_deliveries) {
-                let payload = fields
-                    .as_ref()
-                    .and_then(|f| f.iter().find(|(k, _)| k.as_slice() == self.cfg.field.as_bytes()))
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default();
+        for e in claimed {
+            let deliveries = chosen.iter().find(|p| p.0 == e.id).map_or(0, |p| p.3);
+            if deliveries >= u64::from(self.cfg.max_deliveries) && !e.deleted {
                 let reason = format!("not acknowledged after {deliveries} deliveries");
-                letters.push(Letter { payload, reason, entry_id: Some(id) });
+                let payload = e.value.or(e.first).unwrap_or(Payload::Whole(Vec::new()));
+                letters.push(Letter::of(payload, reason, Some(e.id)));
             } else {
-                take.push((id, fields));
+                take.push(e);
             }
         }
         if !take.is_empty() {

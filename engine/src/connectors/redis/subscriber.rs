@@ -20,8 +20,39 @@ use bytes::{Buf, BytesMut};
 use redis::ConnectionAddr;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A socket to the server of `info`: TCP, TLS (trusting the PEM
+/// certificates `ca` if given, else the public authorities) or Unix.
+pub(super) async fn open_io(info: &redis::ConnectionInfo, ca: Option<&[u8]>) -> Result<Box<dyn Io>, String> {
+    Ok(match info.addr() {
+        ConnectionAddr::Tcp(host, port) => Box::new(tcp(host, *port).await?),
+        ConnectionAddr::TcpTls { host, port, insecure, .. } => {
+            if *insecure {
+                return Err("this connection checks the server's certificate: remove \
+                     '#insecure' from the URL, or give the CA in 'tls.ca_file'"
+                    .into());
+            }
+            let name = rustls_pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| format!("'{host}' is not a TLS server name: {e}"))?;
+            let stream = tcp(host, *port).await?;
+            let tls = tokio_rustls::TlsConnector::from(tls_config(ca)?);
+            let stream = tokio::time::timeout(Duration::from_secs(5), tls.connect(name, stream))
+                .await
+                .map_err(|_| format!("TLS handshake with {host}:{port} timed out"))?
+                .map_err(|e| format!("TLS handshake with {host}:{port}: {e}"))?;
+            Box::new(stream)
+        }
+        #[cfg(unix)]
+        ConnectionAddr::Unix(path) => Box::new(
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?,
+        ),
+        other => return Err(format!("connecting over {other} is not supported")),
+    })
+}
 
 /// A connection subscribed to one channel.
 pub struct Subscriber {
@@ -43,32 +74,7 @@ impl Subscriber {
     /// `channel`; over TLS, trusting the PEM certificates `ca` if given.
     pub async fn connect(client: &redis::Client, ca: Option<&[u8]>, channel: &str) -> Result<Self, String> {
         let info = client.get_connection_info();
-        let io: Box<dyn Io> = match info.addr() {
-            ConnectionAddr::Tcp(host, port) => Box::new(tcp(host, *port).await?),
-            ConnectionAddr::TcpTls { host, port, insecure, .. } => {
-                if *insecure {
-                    return Err("a Pub/Sub subscription checks the server's certificate: remove \
-                         '#insecure' from the URL, or give the CA in 'tls.ca_file'"
-                        .into());
-                }
-                let name = rustls_pki_types::ServerName::try_from(host.clone())
-                    .map_err(|e| format!("'{host}' is not a TLS server name: {e}"))?;
-                let stream = tcp(host, *port).await?;
-                let tls = tokio_rustls::TlsConnector::from(tls_config(ca)?);
-                let stream = tokio::time::timeout(Duration::from_secs(5), tls.connect(name, stream))
-                    .await
-                    .map_err(|_| format!("TLS handshake with {host}:{port} timed out"))?
-                    .map_err(|e| format!("TLS handshake with {host}:{port}: {e}"))?;
-                Box::new(stream)
-            }
-            #[cfg(unix)]
-            ConnectionAddr::Unix(path) => Box::new(
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?,
-            ),
-            other => return Err(format!("subscribing over {other} is not supported")),
-        };
+        let io = open_io(info, ca).await?;
         let mut sub = Self { io, buf: BytesMut::with_capacity(1 << 16) };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
